@@ -1,0 +1,206 @@
+"""Write a synthetic dataset to disk in a real dataset's layout, so the real loaders run end to end.
+
+    python -m hrdecoder_jax.data.write_layout --layout idrid --out DIR [--zip] \
+        [--num-train N --num-test N --height H --width W --seed S]
+
+Layouts:
+
+* ``idrid``: the official "A. Segmentation" download: JPEG images (quality 95), red (255,0,0) RGB
+  TIFF masks, the first image's EX mask as RGBA (alpha 255), and the SE mask of every third image
+  (index 1, 4, 7, ...) left out as in the real release. ``--zip`` writes ``A. Segmentation.zip``.
+* ``mmseg``: the reference repository's layout, ``images/{train,test}`` and
+  ``labels/{train,test}/{EX,HE,SE,MA}/<name>_<LES>.tif`` as grey-76 masks (SE left out likewise).
+* ``mmseg-png``: ``images/{train,test}`` and fused single-channel ``labels/{train,test}/<name>.png``
+  (0 bg, 1 EX, 2 HE, 3 SE, 4 MA; overlapping pixels keep the last class, as the reference converter).
+* ``ddr``: ``lesion_segmentation/{train,valid,test}/{image,label/{EX,HE,MA,SE}}`` with binary 0/255
+  grey TIFF masks named like the images.
+
+Images come from :func:`hrdecoder_jax.data.synthetic.generate_fundus` with the per-example seed of
+:func:`~hrdecoder_jax.data.synthetic.example_seed`, so :meth:`WrittenExample.expected_masks` can
+recompute exactly what a loader must decode without keeping the images in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import os
+import pathlib
+import sys
+import zipfile
+
+import numpy as np
+
+from hrdecoder_jax.data.masks import LESIONS
+from hrdecoder_jax.data.synthetic import example_seed, generate_fundus
+
+LAYOUTS = ("idrid", "mmseg", "mmseg-png", "ddr")
+_IDRID_LESION_DIRS = {"MA": "1. Microaneurysms", "HE": "2. Haemorrhages", "EX": "3. Hard Exudates", "SE": "4. Soft Exudates"}
+_IDRID_SPLIT_DIRS = {"train": "a. Training Set", "test": "b. Testing Set"}
+
+
+@dataclasses.dataclass(frozen=True)
+class WrittenExample:
+    """One written image: where it went and how to regenerate what the loaders must return."""
+
+    split: str
+    name: str
+    seed: int
+    height: int
+    width: int
+    lesion_scale: float
+    image_path: str  # relative to the output folder (or member of the zip)
+    missing: tuple[str, ...]  # lesions whose mask file was deliberately not written
+    fused: bool  # masks written as one fused 0..4 label map (overlaps lost)
+
+    def generated(self) -> tuple[np.ndarray, np.ndarray]:
+        """(image uint8 [H,W,3] before JPEG compression, masks uint8 [H,W,4] as generated)."""
+        return generate_fundus(self.seed, self.height, self.width, lesion_scale=self.lesion_scale)
+
+    def expected_masks(self, masks: np.ndarray | None = None) -> np.ndarray:
+        """uint8 [H,W,4] 0/1: what a loader must decode from the written files."""
+        m = (self.generated()[1] if masks is None else masks).copy()
+        for les in self.missing:
+            m[..., LESIONS.index(les)] = 0
+        if self.fused:
+            fused = _fuse(m)
+            m = np.stack([fused == i + 1 for i in range(len(LESIONS))], axis=-1).astype(np.uint8)
+        return m
+
+
+def _fuse(masks: np.ndarray) -> np.ndarray:
+    """uint8 [H,W] label map 0..4, classes written in order EX, HE, SE, MA so the last one wins."""
+    fused = np.zeros(masks.shape[:2], np.uint8)
+    for i in range(len(LESIONS)):
+        fused[masks[..., i] > 0] = i + 1
+    return fused
+
+
+def _encode(arr: np.ndarray, fmt: str, **kw) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _tiff(arr: np.ndarray) -> bytes:
+    return _encode(arr, "TIFF", compression="tiff_lzw")
+
+
+class _Sink:
+    """Writes files under a folder or into a zip archive."""
+
+    def __init__(self, out: pathlib.Path, zip_name: str | None):
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        self.zip = zipfile.ZipFile(out / zip_name, "w") if zip_name else None
+
+    def put(self, rel: str, data: bytes, compress: bool) -> None:
+        if self.zip is not None:
+            self.zip.writestr(rel, data, compress_type=zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED)
+        else:
+            path = self.out / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+
+    def close(self) -> None:
+        if self.zip is not None:
+            self.zip.close()
+
+
+def write_layout(out, layout: str = "idrid", *, num_train: int = 6, num_test: int = 3, num_valid: int = 3,
+                 height: int = 356, width: int = 536, seed: int = 0, as_zip: bool = False,
+                 lesion_scale: float = 1.0, jpeg_quality: int = 95) -> list[WrittenExample]:
+    """Write a synthetic dataset in ``layout`` (one of LAYOUTS) under folder ``out``.
+
+    ``num_valid`` only applies to ``ddr``. With ``as_zip`` everything goes into one archive in
+    ``out`` ("A. Segmentation.zip", "lesion_segmentation.zip" or "idrid_mmseg.zip"), whose top
+    folder is the layout's top folder. Returns one WrittenExample per image, train first.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"write_layout: unknown layout {layout!r} (expected one of {', '.join(LAYOUTS)})")
+    out = pathlib.Path(os.fspath(out))
+    if layout == "idrid":
+        top, zip_name = "A. Segmentation/", "A. Segmentation.zip"
+    elif layout == "ddr":
+        top, zip_name = "lesion_segmentation/", "lesion_segmentation.zip"
+    else:
+        top, zip_name = "", "idrid_mmseg.zip"
+    splits = [("train", num_train), ("valid", num_valid), ("test", num_test)] if layout == "ddr" else \
+        [("train", num_train), ("test", num_test)]
+    sink = _Sink(out, zip_name if as_zip else None)
+    written = []
+    counter = 0
+    try:
+        for split, n in splits:
+            for i in range(n):
+                counter += 1
+                ex_seed = example_seed(seed, split, i)
+                image, masks = generate_fundus(ex_seed, height, width, lesion_scale=lesion_scale)
+                jpeg = _encode(image, "JPEG", quality=jpeg_quality)
+                if layout == "ddr":
+                    # DDR names look like "007-1774-100"; a running number keeps them unique across splits.
+                    name = f"007-{counter:04d}-100"
+                    img_rel = f"{top}{split}/image/{name}.jpg"
+                    sink.put(img_rel, jpeg, compress=False)
+                    for c, les in enumerate(LESIONS):
+                        sink.put(f"{top}{split}/label/{les}/{name}.tif", _tiff(masks[..., c] * np.uint8(255)), True)
+                    missing = ()
+                else:
+                    name = f"IDRiD_{counter:02d}"
+                    missing = ("SE",) if (counter - 1) % 3 == 1 else ()
+                    if layout == "idrid":
+                        img_rel = f"{top}1. Original Images/{_IDRID_SPLIT_DIRS[split]}/{name}.jpg"
+                    else:
+                        img_rel = f"{top}images/{split}/{name}.jpg"
+                    sink.put(img_rel, jpeg, compress=False)
+                    if layout == "mmseg-png":
+                        missing = ()
+                        sink.put(f"{top}labels/{split}/{name}.png", _encode(_fuse(masks), "PNG"), True)
+                    for c, les in enumerate(LESIONS):
+                        if layout == "mmseg-png" or les in missing:
+                            continue
+                        m = masks[..., c]
+                        if layout == "idrid":
+                            rgb = np.zeros(m.shape + (3,), np.uint8)
+                            rgb[..., 0] = m * np.uint8(255)
+                            if counter == 1 and les == "EX":  # one RGBA mask, as some real files are
+                                rgb = np.concatenate([rgb, np.full(m.shape + (1,), 255, np.uint8)], axis=-1)
+                            rel = f"{top}2. All Segmentation Groundtruths/{_IDRID_SPLIT_DIRS[split]}/" \
+                                  f"{_IDRID_LESION_DIRS[les]}/{name}_{les}.tif"
+                            sink.put(rel, _tiff(rgb), True)
+                        else:
+                            sink.put(f"{top}labels/{split}/{les}/{name}_{les}.tif", _tiff(m * np.uint8(76)), True)
+                written.append(WrittenExample(split=split, name=name, seed=ex_seed, height=height, width=width,
+                                              lesion_scale=lesion_scale, image_path=img_rel, missing=missing,
+                                              fused=layout == "mmseg-png"))
+    finally:
+        sink.close()
+    return written
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hrdecoder_jax.data.write_layout", description=__doc__.split("\n\n")[0])
+    p.add_argument("--layout", choices=LAYOUTS, default="idrid")
+    p.add_argument("--out", required=True, help="output folder (the manual dir to point the builder at)")
+    p.add_argument("--zip", action="store_true", help="write one zip archive instead of a folder tree")
+    p.add_argument("--num-train", type=int, default=6)
+    p.add_argument("--num-test", type=int, default=3)
+    p.add_argument("--num-valid", type=int, default=3, help="ddr only")
+    p.add_argument("--height", type=int, default=356)
+    p.add_argument("--width", type=int, default=536)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lesion-scale", type=float, default=1.0)
+    a = p.parse_args(argv)
+    written = write_layout(a.out, a.layout, num_train=a.num_train, num_test=a.num_test, num_valid=a.num_valid,
+                           height=a.height, width=a.width, seed=a.seed, as_zip=a.zip, lesion_scale=a.lesion_scale)
+    missing = [f"{w.name} {les}" for w in written for les in w.missing]
+    print(f"wrote {len(written)} {a.layout} images of {a.height}x{a.width} to {a.out}"
+          + (f"; masks left out: {', '.join(missing)}" if missing else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
