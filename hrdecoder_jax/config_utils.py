@@ -1,0 +1,138 @@
+"""Helpers the files in ``configs/`` use: model settings with the reference's field names, and validation.
+
+Field names mirror the mmseg configs users know:
+``model.backbone.extra.stage1..4.{num_modules,num_branches,block,num_blocks,num_channels}``,
+``model.decode_head.{in_channels,channels,kernel_size,num_convs,compress,concat_input,dropout_ratio,num_classes}``,
+``model.hr_settings.{hr_scale,scale_ratio,divisible,crop_num,hr_loss_weight,lr_loss_weight,visual_dim}``,
+``model.test_cfg.{mode,crop_size,stride,flip}``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import ml_collections
+
+
+def hrnet_extra(width: int = 48, *, num_modules: Sequence[int] = (1, 1, 4, 3),
+                num_blocks: int | Sequence[int] = 4) -> ml_collections.ConfigDict:
+    """HRNetV2 ``extra`` dict for branch width ``width`` (18, 32, 48 ...). ``num_modules`` per stage and
+    ``num_blocks`` per branch make shallow test variants; the defaults are the standard HRNetV2."""
+    blocks = [num_blocks] * 4 if isinstance(num_blocks, int) else list(num_blocks)
+    extra = ml_collections.ConfigDict()
+    extra.stage1 = dict(num_modules=num_modules[0], num_branches=1, block="BOTTLENECK",
+                        num_blocks=(blocks[0],), num_channels=(64,))
+    for stage, branches in ((2, 2), (3, 3), (4, 4)):
+        extra[f"stage{stage}"] = dict(
+            num_modules=num_modules[stage - 1], num_branches=branches, block="BASIC",
+            num_blocks=tuple([blocks[stage - 1]] * branches),
+            num_channels=tuple(width * 2 ** i for i in range(branches)))
+    return extra
+
+
+def model_config(*, kind: str = "HRDecoder", width: int = 48, hr_scale=(960, 960), crop_num: int = 2,
+                 scale_ratio=(0.75, 1.25), divisible: int = 8, hr_loss_weight: float = 0.1,
+                 lr_loss_weight: float = 0.0, visual_dim: int | None = None, channels: int = 64,
+                 kernel_size: int = 7, num_convs: int = 1, compress: bool = True,
+                 num_modules: Sequence[int] = (1, 1, 4, 3), num_blocks: int | Sequence[int] = 4,
+                 test_mode: str = "slide", test_crop_size=(1920, 1920), test_stride=(960, 960),
+                 dtype: str = "float32") -> ml_collections.ConfigDict:
+    """The model part of a config, with the HRDecoder IDRiD paper settings as defaults."""
+    m = ml_collections.ConfigDict()
+    m.type = kind                      # HRDecoder | EfficientHRDecoder | FCN
+    m.dtype = dtype                    # compute dtype of convolutions; parameters stay float32
+    m.backbone = ml_collections.ConfigDict({"type": "HRNet", "extra": hrnet_extra(
+        width, num_modules=num_modules, num_blocks=num_blocks)})
+    concat_channels = width * (1 + 2 + 4 + 8)
+    head_in = visual_dim if (kind == "EfficientHRDecoder" and visual_dim) else concat_channels
+    m.decode_head = ml_collections.ConfigDict(dict(
+        in_channels=head_in,           # 720 for W48: all branches upsampled and concatenated
+        channels=channels,
+        kernel_size=kernel_size,
+        num_convs=num_convs,
+        compress=compress,             # HRDecoder's 1x1 in->channels conv before the k x k one
+        concat_input=False,
+        dropout_ratio=-1.0,            # <= 0: no dropout (paper configs)
+        num_classes=4,                 # EX, HE, SE, MA; independent sigmoids
+        loss_smooth=1e-5,              # dice smoothing of BinaryLoss
+    ))
+    m.hr_settings = ml_collections.ConfigDict(dict(
+        hr_scale=tuple(hr_scale),      # LR input size (H, W); also the HR window / mean crop size
+        scale_ratio=tuple(scale_ratio) if scale_ratio else None,   # HR crop size jitter
+        divisible=divisible,           # crop sizes and offsets are multiples of this (image px per feature cell)
+        crop_num=crop_num,             # M random HR crops per iteration
+        hr_loss_weight=hr_loss_weight, # lambda of L = L_fuse + lambda * L_HR
+        lr_loss_weight=lr_loss_weight, # an extra LR dice loss when > 0 (0 in the paper configs)
+        visual_dim=visual_dim if kind == "EfficientHRDecoder" else None,   # Efficient-HRDecoder width
+    ))
+    m.test_cfg = ml_collections.ConfigDict(dict(
+        mode=test_mode,                # 'slide' or 'whole'
+        crop_size=tuple(test_crop_size),
+        stride=tuple(test_stride),
+        flip=False,                    # horizontal-flip test-time augmentation (not in the reference)
+    ))
+    return m
+
+
+def fcn_baseline_config(*, width: int = 48, **kwargs) -> ml_collections.ConfigDict:
+    """The paper's FCN baselines (``fcn_hr48_*``): resize-concat head with a 1x1 kernel and
+    ``channels`` equal to the concatenated width."""
+    m = model_config(kind="FCN", width=width, **kwargs)
+    c = width * 15
+    m.decode_head.update(in_channels=c, channels=c, kernel_size=1, num_convs=1, compress=False)
+    m.hr_settings = None
+    return m
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the message names the field and says why."""
+
+
+def validate_model_config(model: ml_collections.ConfigDict, train_size: Sequence[int] | None = None) -> None:
+    """Check that crop, window and image sizes map exactly onto the feature grid. Raises ``ConfigError``.
+
+    ``train_size``: the training image (crop) size ``(H, W)`` the model will see.
+    """
+    extra = model.backbone.extra
+    widths = extra.stage4.num_channels
+    head = model.decode_head
+    if model.type == "FCN":
+        if head.in_channels != sum(widths):
+            raise ConfigError(f"model.decode_head.in_channels={head.in_channels} but the backbone "
+                              f"concatenates {sum(widths)} channels")
+        return
+    hr = model.hr_settings
+    expected_in = hr.visual_dim if model.type == "EfficientHRDecoder" else sum(widths)
+    if head.in_channels != expected_in:
+        raise ConfigError(f"model.decode_head.in_channels={head.in_channels} but the "
+                          f"{'compressor' if model.type == 'EfficientHRDecoder' else 'backbone'} gives "
+                          f"{expected_in} channels")
+    d = hr.divisible
+    hr_scale = tuple(hr.hr_scale)
+    for s in hr_scale:
+        if s % 32:
+            raise ConfigError(f"model.hr_settings.hr_scale={hr_scale}: each side must be a multiple of 32 "
+                              "so every HRNet branch halves exactly")
+        if s % d:
+            raise ConfigError(f"model.hr_settings.hr_scale={hr_scale} is not divisible by "
+                              f"model.hr_settings.divisible={d}")
+    if hr.scale_ratio is not None:
+        lo, hi = hr.scale_ratio
+        if not 0 < lo <= hi:
+            raise ConfigError(f"model.hr_settings.scale_ratio={tuple(hr.scale_ratio)} must satisfy 0 < min <= max")
+    sizes = {"training crop (data.crop_size)": train_size}
+    if model.test_cfg.mode == "slide":
+        sizes["model.test_cfg.crop_size"] = model.test_cfg.crop_size
+    for name, size in sizes.items():
+        if size is None:
+            continue
+        for side, s in zip(("height", "width"), size):
+            feat = hr_scale[0 if side == "height" else 1] // 4
+            if s % feat or (s // feat) and d % (s // feat):
+                raise ConfigError(
+                    f"{name}={tuple(size)}: the {side} {s} must be a multiple of the feature size {feat} "
+                    f"(hr_scale/4) with a ratio dividing divisible={d}, so boxes map exactly onto the feature grid")
+        if hr.scale_ratio is not None:
+            top = max(int(x * hr.scale_ratio[1] // d * d) for x in hr_scale)
+            if name.startswith("training") and top > min(size):
+                raise ConfigError(f"{name}={tuple(size)} is smaller than the largest HR crop {top} "
+                                  "(hr_scale x scale_ratio max)")

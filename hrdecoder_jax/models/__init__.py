@@ -1,0 +1,39 @@
+"""Models: HRNetV2 backbone, FCN head, and the HRDecoder / Efficient-HRDecoder / FCN segmentors.
+
+``build_model(model_config, rngs=...)`` returns the segmentor that ``model_config.type`` names.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from flax import nnx
+
+from hrdecoder_jax.models.hrnet import HRNet
+from hrdecoder_jax.models.head import FCNHead
+from hrdecoder_jax.models.segmentor import FCNSegmentor, HRDecoder, draw_crop_boxes, slide_windows
+
+SEGMENTORS = {
+    "HRDecoder": HRDecoder,
+    "EfficientHRDecoder": HRDecoder,   # differs only by hr_settings.visual_dim (the compressor)
+    "FCN": FCNSegmentor,
+}
+
+
+def build_model(model_config: Mapping[str, Any], *, rngs: nnx.Rngs) -> nnx.Module:
+    """Build the segmentor named by ``model_config.type`` (``HRDecoder``, ``EfficientHRDecoder``, ``FCN``)."""
+    kind = model_config.get("type", "HRDecoder")
+    if kind not in SEGMENTORS:
+        raise ValueError(f"model.type must be one of {sorted(SEGMENTORS)}, got {kind!r}")
+    if kind == "EfficientHRDecoder" and not model_config["hr_settings"].get("visual_dim"):
+        raise ValueError("model.hr_settings.visual_dim must be set for model.type='EfficientHRDecoder'")
+    return SEGMENTORS[kind](model_config, rngs=rngs)
+
+
+def count_params(model: nnx.Module) -> int:
+    """Number of learnable parameters (BN running statistics excluded, as in PyTorch's parameters())."""
+    import jax
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+__all__ = ["build_model", "count_params", "HRNet", "FCNHead", "HRDecoder", "FCNSegmentor",
+           "draw_crop_boxes", "slide_windows", "SEGMENTORS"]

@@ -1,0 +1,283 @@
+"""Segmentors: HRDecoder, Efficient-HRDecoder and the plain FCN baseline (mmseg ``EncoderDecoder``).
+
+HRDecoder (``mmseg/models/segmentors/HRDecoder.py`` of the reference), for an image ``[B, H, W, 3]``:
+
+1. LR path: resize the image to ``hr_scale``, run HRNet, upsample the 4 branches to stride 4 and
+   concatenate them in branch order -> ``lr_feat [B, f_h, f_w, C]``; the head gives ``lr_logit``.
+2. HR representation learning (training only): ``crop_num`` random boxes of one size ``s`` (the
+   ``hr_scale`` scaled by a ratio from ``scale_ratio``, a multiple of ``divisible``); each box is mapped to
+   the feature grid, its feature crop resized to the full ``f_h x f_w`` and decoded by the *shared* head; the
+   dice loss against the ``s x s`` label crop, times ``hr_loss_weight``, is ``hr``.
+3. HR fusion: ``hr_scale`` windows tile the image (the reference's slide rule with stride = window); each
+   window's feature crop is decoded the same way and resized to the window; the fused logit is
+   ``(HR + up_LR) / 2`` inside every window (later windows overwrite earlier ones, the LR term is always the
+   unfused upsampled LR logit). Its dice loss is ``fuse``; ``lr`` (dice of ``lr_logit``) is added when
+   ``lr_loss_weight > 0``. ``total`` sums them, as mmseg's ``_parse_losses``.
+
+The head runs three times in training (LR, HR crops, windows), each with its own batch statistics, in that
+order, so the running statistics match the reference. The HR crop size and offsets are traced values:
+every draw runs through one compiled function (see ``layers.crop_resize_bilinear``).
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hrdecoder_jax.losses import dice_loss
+from hrdecoder_jax.models.head import FCNHead
+from hrdecoder_jax.models.hrnet import HRNet
+from hrdecoder_jax.models.layers import ConvModule, crop_resize_bilinear, resize_bilinear, upsample_to_box
+
+Array = jax.Array
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, (int, np.integer)):
+        return int(v), int(v)
+    a, b = v
+    return int(a), int(b)
+
+
+def slide_windows(image_size: Sequence[int], window: Sequence[int], stride: Sequence[int]) -> list[tuple]:
+    """The reference's sliding-window boxes ``(y1, y2, x1, x2)``, row-major, last windows shifted inward."""
+    (h, w), (wh, ww), (sh, sw) = image_size, window, stride
+    h_grids = max(h - wh + sh - 1, 0) // sh + 1
+    w_grids = max(w - ww + sw - 1, 0) // sw + 1
+    boxes = []
+    for i in range(h_grids):
+        for j in range(w_grids):
+            y1, x1 = i * sh, j * sw
+            y2, x2 = min(y1 + wh, h), min(x1 + ww, w)
+            boxes.append((max(y2 - wh, 0), y2, max(x2 - ww, 0), x2))
+    return boxes
+
+
+def upsample_concat(features: Sequence[Array]) -> Array:
+    """Resize every branch to the first branch's size and concatenate on channels, in branch order."""
+    size = features[0].shape[1:3]
+    return jnp.concatenate([resize_bilinear(f, size) for f in features], axis=-1)
+
+
+def _dtype(model_cfg) -> Any:
+    return jnp.dtype(model_cfg.get("dtype", "float32") or "float32")
+
+
+def _build_head(model_cfg, dtype, rngs) -> FCNHead:
+    h = model_cfg["decode_head"]
+    return FCNHead(in_channels=h["in_channels"], channels=h["channels"], num_classes=h.get("num_classes", 4),
+                   kernel_size=h.get("kernel_size", 3), num_convs=h.get("num_convs", 2),
+                   compress=h.get("compress", False), concat_input=h.get("concat_input", True),
+                   dropout_ratio=h.get("dropout_ratio", 0.1), dtype=dtype, rngs=rngs)
+
+
+class FCNSegmentor(nnx.Module):
+    """The paper's LR/HR baselines: HRNet -> upsample+concat -> FCN head -> resize to the image."""
+
+    def __init__(self, model_cfg: Mapping[str, Any], *, rngs: nnx.Rngs):
+        dtype = _dtype(model_cfg)
+        self.backbone = HRNet(model_cfg["backbone"]["extra"], dtype=dtype, rngs=rngs)
+        self.decode_head = _build_head(model_cfg, dtype, rngs)
+        self.smooth = float(model_cfg["decode_head"].get("loss_smooth", 1e-5))
+
+    def _logits(self, images: Array) -> Array:
+        logits = self.decode_head(upsample_concat(self.backbone(images)))
+        return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+
+    def __call__(self, images: Array) -> Array:
+        """``[B, H, W, 3]`` normalised images -> logits ``[B, H, W, num_classes]``."""
+        return resize_bilinear(self._logits(images), images.shape[1:3])
+
+    def train_losses(self, images: Array, labels: Array, *, crop_boxes=None, key=None) -> dict[str, Array]:
+        del crop_boxes, key  # no random crops in the baseline; same signature as HRDecoder
+        logits = resize_bilinear(self._logits(images), labels.shape[1:3])
+        seg = dice_loss(logits, labels, smooth=self.smooth)
+        return {"seg": seg, "total": seg}
+
+
+class HRDecoder(nnx.Module):
+    """HRDecoder segmentor (see module docstring). ``Efficient`` variant: ``visual_dim`` is set."""
+
+    def __init__(self, model_cfg: Mapping[str, Any], *, rngs: nnx.Rngs):
+        dtype = _dtype(model_cfg)
+        hr = model_cfg["hr_settings"]
+        self.backbone = HRNet(model_cfg["backbone"]["extra"], dtype=dtype, rngs=rngs)
+        visual_dim = hr.get("visual_dim", None)
+        if visual_dim:
+            # Efficient-HRDecoder: a 1x1 ConvModule compresses the concatenated features.
+            self.multiscale_compressor = ConvModule(sum(self.backbone.out_channels), int(visual_dim), 1,
+                                                    dtype=dtype, rngs=rngs)
+        else:
+            self.multiscale_compressor = None
+        self.decode_head = _build_head(model_cfg, dtype, rngs)
+        self.num_classes = self.decode_head.num_classes
+        self.hr_scale = _pair(hr["hr_scale"])
+        ratio = hr.get("scale_ratio", None)
+        self.scale_ratio = tuple(float(r) for r in ratio) if isinstance(ratio, (tuple, list)) else None
+        self.divisible = int(hr.get("divisible", 8))
+        self.crop_num = int(hr.get("crop_num", 4))
+        self.hr_loss_weight = float(hr.get("hr_loss_weight", 0.1))
+        self.lr_loss_weight = float(hr.get("lr_loss_weight", 0.0))
+        self.smooth = float(model_cfg["decode_head"].get("loss_smooth", 1e-5))
+
+    # ------------------------------------------------------------------------------------------------
+    # Shapes
+    # ------------------------------------------------------------------------------------------------
+    @property
+    def feature_size(self) -> tuple[int, int]:
+        """``lr_feat`` spatial size: HRNet's stride-4 branch of the ``hr_scale`` image."""
+        return -(-self.hr_scale[0] // 4), -(-self.hr_scale[1] // 4)
+
+    def grid(self, image_size: Sequence[int]) -> tuple[int, int]:
+        """Image pixels per feature cell; the reference floors ``image // feature``."""
+        fh, fw = self.feature_size
+        return image_size[0] // fh, image_size[1] // fw
+
+    @property
+    def max_crop_size(self) -> tuple[int, int]:
+        """Largest HR crop side a random draw can give (a fixed canvas for the traced crop)."""
+        top = self.scale_ratio[1] if self.scale_ratio else 1.0
+        d = self.divisible
+        return tuple(int(s * top // d * d) for s in self.hr_scale)
+
+    # ------------------------------------------------------------------------------------------------
+    # Forward pieces
+    # ------------------------------------------------------------------------------------------------
+    def extract_lr_features(self, images: Array) -> Array:
+        """``[B, H, W, 3]`` -> ``lr_feat [B, f_h, f_w, C]`` from the image resized to ``hr_scale``."""
+        lr_images = resize_bilinear(images, self.hr_scale)
+        feat = upsample_concat(self.backbone(lr_images))
+        if self.multiscale_compressor is not None:
+            feat = self.multiscale_compressor(feat)
+        return feat
+
+    def _decode(self, feat: Array) -> Array:
+        logits = self.decode_head(feat)
+        return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+
+    def window_logits(self, lr_feat: Array, image_size: Sequence[int]) -> tuple[Array, list[tuple]]:
+        """Decode every ``hr_scale`` window: ``[n_windows, B, hr_h, hr_w, K]`` logits and the boxes."""
+        boxes = slide_windows(image_size, self.hr_scale, self.hr_scale)
+        gh, gw = self.grid(image_size)
+        fsize = lr_feat.shape[1:3]
+        crops = [crop_resize_bilinear(lr_feat, jnp.array([y1 // gh, y2 // gh, x1 // gw, x2 // gw]), fsize)
+                 for (y1, y2, x1, x2) in boxes]
+        logits = self._decode(jnp.concatenate(crops, axis=0))       # one head call, window-major
+        logits = resize_bilinear(logits, self.hr_scale)
+        return logits.reshape(len(boxes), lr_feat.shape[0], *logits.shape[1:]), boxes
+
+    @staticmethod
+    def fuse(up_lr_logit: Array, window_logits: Array, boxes: Sequence[tuple]) -> Array:
+        """Average the HR window logits with the upsampled LR logits inside each window, as the reference."""
+        fused = up_lr_logit
+        for logit, (y1, y2, x1, x2) in zip(window_logits, boxes):
+            fused = fused.at[:, y1:y2, x1:x2].set((logit + up_lr_logit[:, y1:y2, x1:x2]) / 2)
+        return fused
+
+    def predict_parts(self, images: Array) -> dict[str, Any]:
+        """Everything ``encode_decode`` computes, for inspection: ``lr_logits`` (upsampled to the image),
+        ``window_logits [n, B, hr_h, hr_w, K]``, ``window_boxes`` and the ``fused`` logits ``[B, H, W, K]``."""
+        size = images.shape[1:3]
+        lr_feat = self.extract_lr_features(images)
+        up_lr = resize_bilinear(self._decode(lr_feat), size)
+        windows, boxes = self.window_logits(lr_feat, size)
+        return {"lr_logits": up_lr, "window_logits": windows, "window_boxes": boxes,
+                "fused": self.fuse(up_lr, windows, boxes)}
+
+    def __call__(self, images: Array) -> Array:
+        """The reference ``encode_decode``: ``[B, H, W, 3]`` normalised images -> fused logits ``[B, H, W, K]``."""
+        return self.predict_parts(images)["fused"]
+
+    # ------------------------------------------------------------------------------------------------
+    # Training
+    # ------------------------------------------------------------------------------------------------
+    def sample_crop_boxes(self, key: Array, image_size: Sequence[int]) -> Array:
+        """Draw ``[crop_num, 4]`` boxes ``[y1, y2, x1, x2]`` in-graph from a PRNG key (reference rule)."""
+        d = self.divisible
+        k_ratio, k_off = jax.random.split(key)
+        if self.scale_ratio is None:
+            size = jnp.array(self.hr_scale, jnp.int32)
+        else:
+            lo, hi = self.scale_ratio
+            r = jax.random.uniform(k_ratio, (), jnp.float32, lo, hi)
+            size = (jnp.floor(jnp.array(self.hr_scale, jnp.float32) * r / d) * d).astype(jnp.int32)
+        img = jnp.array(image_size, jnp.int32)
+        n_off = jnp.maximum((jnp.maximum(img - size, 0) + 1) // d, 1)          # exclusive bound, per axis
+        u = jax.random.uniform(k_off, (self.crop_num, 2))
+        offsets = jnp.minimum(jnp.floor(u * n_off).astype(jnp.int32), n_off - 1) * d
+        return jnp.stack([offsets[:, 0], offsets[:, 0] + size[0], offsets[:, 1], offsets[:, 1] + size[1]], -1)
+
+    def hr_crop_loss(self, lr_feat: Array, labels: Array, crop_boxes: Array) -> Array:
+        """Dice loss of the head on ``crop_num`` feature crops against their label crops (unweighted)."""
+        image_size = labels.shape[1:3]
+        gh, gw = self.grid(image_size)
+        crop_boxes = jnp.asarray(crop_boxes, jnp.int32)
+        feat_boxes = crop_boxes // jnp.array([gh, gh, gw, gw], jnp.int32)
+        fsize = lr_feat.shape[1:3]
+        hr_feats = jax.vmap(lambda b: crop_resize_bilinear(lr_feat, b, fsize))(feat_boxes)   # [M, B, ...]
+        hr_feats = hr_feats.reshape(-1, *hr_feats.shape[2:])                              # crop-major
+        hr_logits = self._decode(hr_feats)
+        crop_size = jnp.stack([crop_boxes[0, 1] - crop_boxes[0, 0], crop_boxes[0, 3] - crop_boxes[0, 2]])
+        canvas = self.max_crop_size
+        hr_logits, mask = upsample_to_box(hr_logits, crop_size, canvas)
+
+        def label_crop(box):
+            rows = jnp.clip(box[0] + jnp.arange(canvas[0]), 0, image_size[0] - 1)
+            cols = jnp.clip(box[2] + jnp.arange(canvas[1]), 0, image_size[1] - 1)
+            return jnp.take(jnp.take(labels, rows, axis=1), cols, axis=2)
+
+        hr_labels = jax.vmap(label_crop)(crop_boxes)
+        hr_labels = hr_labels.reshape(-1, *hr_labels.shape[2:])
+        return dice_loss(hr_logits, hr_labels, smooth=self.smooth, mask=mask)
+
+    def train_losses(self, images: Array, labels: Array, *, crop_boxes: Array | None = None,
+                     key: Array | None = None) -> dict[str, Array]:
+        """Loss terms of one training forward, as the reference ``forward_train`` computes them.
+
+        ``images [B, H, W, 3]``, ``labels [B, H, W]`` integer (0 background, 1..4 EX, HE, SE, MA) or
+        multi-label ``[B, H, W, 4]``; ``crop_boxes [crop_num, 4]`` ``[y1, y2, x1, x2]`` in image pixels, all of
+        one size (at most ``max_crop_size``), drawn from ``key`` when not given.
+        Returns ``{'hr', 'fuse', 'total'}`` (+ ``'lr'`` when ``lr_loss_weight > 0``); ``hr`` is already weighted.
+        """
+        size = labels.shape[1:3]
+        if crop_boxes is None:
+            if key is None:
+                raise ValueError("train_losses needs crop_boxes or a PRNG key to draw them")
+            crop_boxes = self.sample_crop_boxes(key, size)
+        lr_feat = self.extract_lr_features(images)
+        lr_logit = self._decode(lr_feat)                                  # head call 1
+        losses = {}
+        if self.lr_loss_weight > 0:
+            losses["lr"] = self.lr_loss_weight * dice_loss(resize_bilinear(lr_logit, size), labels,
+                                                           smooth=self.smooth)
+        losses["hr"] = self.hr_loss_weight * self.hr_crop_loss(lr_feat, labels, crop_boxes)   # head call 2
+        up_lr = resize_bilinear(lr_logit, size)
+        windows, boxes = self.window_logits(lr_feat, size)                # head call 3
+        losses["fuse"] = dice_loss(self.fuse(up_lr, windows, boxes), labels, smooth=self.smooth)
+        losses["total"] = sum(losses.values())
+        return losses
+
+
+def draw_crop_boxes(rng: np.random.RandomState, image_size: Sequence[int], hr_scale: Sequence[int],
+                    scale_ratio: Sequence[float] | None, divisible: int, crop_num: int) -> np.ndarray:
+    """Host-side draw with NumPy's legacy generator, call for call as the reference
+    (``get_random_hr_scale`` then ``get_crop_bbox`` per crop). Returns int32 ``[crop_num, 4]``."""
+    if scale_ratio is not None:
+        lo, hi = scale_ratio
+        ratio = rng.random_sample() * (hi - lo) + lo
+        size = (int(hr_scale[0] * ratio // divisible * divisible), int(hr_scale[1] * ratio // divisible * divisible))
+    else:
+        size = tuple(hr_scale)
+    boxes = []
+    for _ in range(crop_num):
+        if tuple(image_size) == tuple(size):
+            boxes.append((0, image_size[0], 0, image_size[1]))
+            continue
+        margin_h, margin_w = max(image_size[0] - size[0], 0), max(image_size[1] - size[1], 0)
+        y1 = rng.randint(0, (margin_h + 1) // divisible) * divisible
+        x1 = rng.randint(0, (margin_w + 1) // divisible) * divisible
+        boxes.append((y1, y1 + size[0], x1, x1 + size[1]))
+    return np.asarray(boxes, np.int32)
