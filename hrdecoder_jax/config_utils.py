@@ -87,10 +87,12 @@ class ConfigError(ValueError):
     """An invalid setting; the message names the field and says why."""
 
 
-def validate_model_config(model: ml_collections.ConfigDict, train_size: Sequence[int] | None = None) -> None:
+def validate_model_config(model: ml_collections.ConfigDict, train_size: Sequence[int] | None = None,
+                          test_size: Sequence[int] | None = None) -> None:
     """Check that crop, window and image sizes map exactly onto the feature grid. Raises ``ConfigError``.
 
-    ``train_size``: the training image (crop) size ``(H, W)`` the model will see.
+    ``train_size``: the training image (crop) size ``(H, W)`` the model will see; ``test_size`` the test
+    image size ``(H, W)`` of whole-image inference.
     """
     extra = model.backbone.extra
     widths = extra.stage4.num_channels
@@ -122,6 +124,8 @@ def validate_model_config(model: ml_collections.ConfigDict, train_size: Sequence
     sizes = {"training crop (data.crop_size)": train_size}
     if model.test_cfg.mode == "slide":
         sizes["model.test_cfg.crop_size"] = model.test_cfg.crop_size
+    elif test_size is not None:
+        sizes["test image (data.test_scale, whole mode)"] = test_size
     for name, size in sizes.items():
         if size is None:
             continue
@@ -136,3 +140,81 @@ def validate_model_config(model: ml_collections.ConfigDict, train_size: Sequence
             if name.startswith("training") and top > min(size):
                 raise ConfigError(f"{name}={tuple(size)} is smaller than the largest HR crop {top} "
                                   "(hr_scale x scale_ratio max)")
+
+
+def synthetic_data_config(*, image_size=(512, 512), num_train: int = 48, num_test: int = 16, seed: int = 0,
+                          lesion_scale: float = 1.0, crop_size=None, ratio_range=(0.5, 2.0),
+                          ) -> ml_collections.ConfigDict:
+    """Data settings for the built-in ``synthetic_fundus`` dataset (generated on first use, no download).
+
+    The augmentation is the paper's (resize with ``ratio_range``, crop, flip, rotation), at the
+    synthetic image size; ``crop_size`` defaults to the image size.
+    """
+    from hrdecoder_jax.data.pipeline import default_data_config
+
+    d = default_data_config()
+    d.name = "synthetic_fundus"
+    d.data_dir = "~/tensorflow_datasets"
+    h, w = image_size
+    d.img_scale = (w, h)                       # (W, H) as mmseg's img_scale
+    d.test_scale = (w, h)
+    d.crop_size = tuple(crop_size or image_size)
+    d.ratio_range = tuple(ratio_range) if ratio_range else None
+    d.synthetic = ml_collections.ConfigDict(dict(
+        height=h, width=w, num_train=num_train, num_test=num_test, seed=seed, lesion_scale=lesion_scale))
+    return d
+
+
+def optimizer_config() -> ml_collections.ConfigDict:
+    """The reference schedule (SPEC h): SGD lr 0.01, momentum 0.9, coupled weight decay 5e-4 on every
+    parameter, poly decay (power 1) to 0 with 1500 linear warm-up iterations from ratio 1e-6."""
+    return ml_collections.ConfigDict(dict(
+        name="sgd",                  # 'sgd' (reference) or 'adamw'
+        lr=0.01,
+        momentum=0.9,
+        weight_decay=5e-4,           # sgd: coupled L2 as PyTorch; adamw: decoupled
+        power=1.0,                   # poly exponent
+        min_lr=0.0,
+        warmup_steps=1500,
+        warmup_ratio=1e-6,
+        b1=0.9, b2=0.999,            # adamw only
+    ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every field a training config has, with the IDRiD paper values; config files override parts.
+
+    Model and data sections are filled by the config file (``model_config`` / data helpers).
+    """
+    c = ml_collections.ConfigDict()
+    c.seed = 2                       # the reference's seed for the IDRiD configs
+    c.total_steps = 20000            # iterations (IterBasedRunner)
+    c.global_batch_size = 4          # 4 GPUs x 1 image in the paper; split over all devices of all hosts
+    c.grad_accum_steps = 1           # micro-batches per optimiser step (small GPUs); batch is split
+    c.optimizer = optimizer_config()
+    c.log_every = 100                # progress line and metrics log (steps)
+    c.eval_every = 2000              # validation (steps); 0 disables
+    c.checkpoint_every = 1000        # checkpoint (steps)
+    c.keep_best = True               # also keep the best-by-validation-mIoU checkpoint
+    c.resume_from = ml_collections.FieldReference(None, field_type=str)   # a workdir or checkpoint dir to continue
+    c.init_from = ml_collections.FieldReference(None, field_type=str)     # converted/ PyTorch weights (.pth/.npz/workdir)
+    c.eval = ml_collections.ConfigDict(dict(
+        split="test",                # split the evaluate command scores
+        max_images=ml_collections.FieldReference(None, field_type=int),   # cap for quick looks
+        num_fine_thresholds=101,     # extra fine-grained AUPR beside the reference's 11 thresholds
+    ))
+    c.model = model_config()
+    return c
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Validate a whole training config (model against the data sizes). Raises ``ConfigError``."""
+    if config.global_batch_size < 1:
+        raise ConfigError(f"global_batch_size={config.global_batch_size} must be >= 1")
+    if config.grad_accum_steps < 1 or config.global_batch_size % config.grad_accum_steps:
+        raise ConfigError(f"grad_accum_steps={config.grad_accum_steps} must divide "
+                          f"global_batch_size={config.global_batch_size}")
+    if config.optimizer.name not in ("sgd", "adamw"):
+        raise ConfigError(f"optimizer.name must be 'sgd' or 'adamw', got {config.optimizer.name!r}")
+    w, h = config.data.test_scale
+    validate_model_config(config.model, tuple(config.data.crop_size), (h, w))

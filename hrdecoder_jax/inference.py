@@ -1,0 +1,97 @@
+"""Full-image inference: whole-image or sliding-window logits, optional flip TTA, resize to the original size.
+
+The reference (``EncoderDecoder.slide_inference`` + ``LesionEncoderDecoder``): windows of ``crop_size`` with
+``stride`` (the last ones shifted inward), each run through the model's ``encode_decode``; logits are
+summed and divided by the per-pixel window count (an average of *logits*, before the sigmoid); the map is
+then resized bilinearly to the original image size and the sigmoid comes last.
+
+Windows are independent in eval mode (BN uses running statistics), so they run as one batch (or in chunks
+of ``window_batch``) through one compiled forward.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from hrdecoder_jax.models.layers import resize_bilinear
+from hrdecoder_jax.models.segmentor import slide_windows
+
+Array = jax.Array
+
+
+def make_forward(model: nnx.Module) -> Callable[[Array], Array]:
+    """A jitted ``images [B, H, W, 3] -> logits [B, H, W, K]`` of ``model`` in its current mode (call
+    ``model.eval()`` first). Compiled once per input shape; the model's state is captured at call time."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, images):
+        return nnx.merge(graphdef, state)(images)
+
+    return lambda images: forward(state, images)
+
+
+def _forward_fn(model_or_forward) -> Callable[[Array], Array]:
+    return model_or_forward if not isinstance(model_or_forward, nnx.Module) else make_forward(model_or_forward)
+
+
+def _with_flip(forward: Callable, images: Array, flip: bool) -> Array:
+    logits = forward(images)
+    if flip:  # horizontal-flip TTA: average the logits of the image and of its mirror
+        logits = (logits + jnp.flip(forward(jnp.flip(images, axis=2)), axis=2)) / 2
+    return logits
+
+
+def whole_inference(model, images: Array, *, flip: bool = False) -> Array:
+    """Logits ``[B, H, W, K]`` of the whole images (the model resizes internally as it needs)."""
+    return _with_flip(_forward_fn(model), images, flip)
+
+
+def slide_inference(model, images: Array, crop_size: Sequence[int], stride: Sequence[int], *,
+                    flip: bool = False, window_batch: int | None = None) -> Array:
+    """Sliding-window logits ``[B, H, W, K]`` averaged where windows overlap, as the reference.
+
+    ``model``: an ``nnx.Module`` (in eval mode) or a forward function from ``make_forward``.
+    """
+    forward = _forward_fn(model)
+    b, h, w, _ = images.shape
+    if h < crop_size[0] or w < crop_size[1]:
+        raise ValueError(f"image {h}x{w} is smaller than the slide window {tuple(crop_size)}: "
+                         "resize it to the test scale first")
+    boxes = slide_windows((h, w), crop_size, stride)
+    crops = jnp.concatenate([images[:, y1:y2, x1:x2] for (y1, y2, x1, x2) in boxes], axis=0)  # window-major
+    step = window_batch or crops.shape[0]
+    outs = [_with_flip(forward, crops[i:i + step], flip) for i in range(0, crops.shape[0], step)]
+    logits = jnp.concatenate(outs, axis=0).reshape(len(boxes), b, *crop_size, -1)
+    total = jnp.zeros((b, h, w, logits.shape[-1]), logits.dtype)
+    count = np.zeros((h, w), np.float32)
+    for logit, (y1, y2, x1, x2) in zip(logits, boxes):
+        total = total.at[:, y1:y2, x1:x2].add(logit)
+        count[y1:y2, x1:x2] += 1
+    return total / jnp.asarray(count)[None, :, :, None]
+
+
+def inference(model, images: Array, test_cfg, *, window_batch: int | None = None) -> Array:
+    """Logits ``[B, H, W, K]`` at the input size, by ``test_cfg.mode`` ('slide' or 'whole')."""
+    flip = bool(test_cfg.get("flip", False))
+    if test_cfg["mode"] == "slide":
+        return slide_inference(model, images, test_cfg["crop_size"], test_cfg["stride"], flip=flip,
+                               window_batch=window_batch)
+    if test_cfg["mode"] == "whole":
+        return whole_inference(model, images, flip=flip)
+    raise ValueError(f"model.test_cfg.mode must be 'slide' or 'whole', got {test_cfg['mode']!r}")
+
+
+@jax.jit
+def _resize_sigmoid(logits: Array, size_holder: Array) -> Array:
+    return jax.nn.sigmoid(resize_bilinear(logits, size_holder.shape))
+
+
+def probabilities(logits: Array, original_size: Sequence[int]) -> Array:
+    """Resize logits ``[B, h, w, K]`` to ``original_size`` (bilinear, align_corners=False) and apply the
+    sigmoid: per-lesion probabilities ``[B, H0, W0, K]``, as the reference's final step."""
+    return _resize_sigmoid(logits, jnp.zeros(tuple(int(s) for s in original_size), jnp.bool_))
