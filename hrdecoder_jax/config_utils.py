@@ -136,7 +136,8 @@ def validate_model_config(model: ml_collections.ConfigDict, train_size: Sequence
                     f"{name}={tuple(size)}: the {side} {s} must be a multiple of the feature size {feat} "
                     f"(hr_scale/4) with a ratio dividing divisible={d}, so boxes map exactly onto the feature grid")
         if hr.scale_ratio is not None:
-            top = max(int(x * hr.scale_ratio[1] // d * d) for x in hr_scale)
+            top = max(int(x * hr.scale_ratio[1] // d * d) - (d if x * hr.scale_ratio[1] % d == 0 else 0)
+                      for x in hr_scale)
             if name.startswith("training") and top > min(size):
                 raise ConfigError(f"{name}={tuple(size)} is smaller than the largest HR crop {top} "
                                   "(hr_scale x scale_ratio max)")

@@ -54,11 +54,10 @@ class LoadReport:
 
 def _compress_keys(keys: list[str], limit: int = 12) -> list[str]:
     """Group long key lists by module prefix so a report stays readable."""
-    groups: dict[str, int] = {}
+    groups: dict[str, list[str]] = {}
     for k in keys:
-        prefix = k.rsplit(".", 1)[0]
-        groups[prefix] = groups.get(prefix, 0) + 1
-    items = [f"{p}.* ({n})" if n > 1 else p for p, n in groups.items()]
+        groups.setdefault(k.rsplit(".", 1)[0], []).append(k)
+    items = [f"{p}.* ({len(ks)})" if len(ks) > 1 else ks[0] for p, ks in groups.items()]
     return items[:limit] + ([f"... {len(items) - limit} more modules"] if len(items) > limit else [])
 
 
@@ -136,9 +135,9 @@ def load_torch_weights(model: nnx.Module, source: str | os.PathLike | Mapping[st
         if name not in tensors:
             missing.append(name)
             continue
-        target = variable.value
+        target = variable[...]
         value = _to_flax_layout(name, tensors[name], target.shape)
-        variable.value = jnp.asarray(value, dtype=target.dtype)
+        variable[...] = jnp.asarray(value, dtype=target.dtype)
         loaded.append(name)
         seen.add(name)
     ignored, unexpected = [], []

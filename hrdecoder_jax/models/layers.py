@@ -56,7 +56,7 @@ class BatchNorm(nnx.Module):
     def __call__(self, x: Array) -> Array:
         xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bf16 compute keeps f32 statistics
         if self.use_running_average:
-            mean, var = self.mean.value, self.var.value
+            mean, var = self.mean[...], self.var[...]
         else:
             axes = tuple(range(x.ndim - 1))
             mean = jnp.mean(xf, axis=axes)
@@ -64,9 +64,9 @@ class BatchNorm(nnx.Module):
             n = xf.size // self.num_features
             unbiased = var * (n / max(n - 1, 1))
             m = self.momentum
-            self.mean.value = m * self.mean.value + (1 - m) * jax.lax.stop_gradient(mean)
-            self.var.value = m * self.var.value + (1 - m) * jax.lax.stop_gradient(unbiased)
-        y = (xf - mean) * (jax.lax.rsqrt(var + self.epsilon) * self.scale.value) + self.bias.value
+            self.mean[...] = m * self.mean[...] + (1 - m) * jax.lax.stop_gradient(mean)
+            self.var[...] = m * self.var[...] + (1 - m) * jax.lax.stop_gradient(unbiased)
+        y = (xf - mean) * (jax.lax.rsqrt(var + self.epsilon) * self.scale[...]) + self.bias[...]
         return y.astype(x.dtype)
 
 
@@ -110,7 +110,9 @@ def _source_indices(in_size, out_size, num_out: int, offset=0):
     ``[num_out]``: the output is ``(1 - lam) * x[i0] + lam * x[i1]``. PyTorch computes the scale and the
     source coordinate in float32, and so does this.
     """
-    scale = jnp.asarray(in_size, jnp.float32) / jnp.asarray(out_size, jnp.float32)
+    # A true (correctly rounded) division as PyTorch's: the barrier stops XLA from turning a division by a
+    # constant into a multiplication by its reciprocal, which is 1 ulp off and shifts traced crops by ~1e-5.
+    scale = jnp.asarray(in_size, jnp.float32) / jax.lax.optimization_barrier(jnp.asarray(out_size, jnp.float32))
     src = jnp.maximum(scale * (jnp.arange(num_out, dtype=jnp.float32) + 0.5) - 0.5, 0.0)
     in_i = jnp.asarray(in_size, jnp.int32)
     i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), in_i - 1)  # the clamp only bites past out_size

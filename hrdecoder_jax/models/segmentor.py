@@ -20,6 +20,7 @@ every draw runs through one compiled function (see ``layers.crop_resize_bilinear
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -139,9 +140,15 @@ class HRDecoder(nnx.Module):
     @property
     def max_crop_size(self) -> tuple[int, int]:
         """Largest HR crop side a random draw can give (a fixed canvas for the traced crop)."""
-        top = self.scale_ratio[1] if self.scale_ratio else 1.0
-        d = self.divisible
-        return tuple(int(s * top // d * d) for s in self.hr_scale)
+        if not self.scale_ratio:
+            return self.hr_scale
+        d, top = self.divisible, self.scale_ratio[1]
+
+        def largest(s):  # ratio < top strictly: an exact multiple s * top is never reached
+            n = s * top / d
+            return int((math.ceil(n) - 1) * d) if n == int(n) else int(n) * d
+
+        return tuple(largest(s) for s in self.hr_scale)
 
     # ------------------------------------------------------------------------------------------------
     # Forward pieces
@@ -204,6 +211,7 @@ class HRDecoder(nnx.Module):
             lo, hi = self.scale_ratio
             r = jax.random.uniform(k_ratio, (), jnp.float32, lo, hi)
             size = (jnp.floor(jnp.array(self.hr_scale, jnp.float32) * r / d) * d).astype(jnp.int32)
+            size = jnp.minimum(size, jnp.array(self.max_crop_size, jnp.int32))
         img = jnp.array(image_size, jnp.int32)
         n_off = jnp.maximum((jnp.maximum(img - size, 0) + 1) // d, 1)          # exclusive bound, per axis
         u = jax.random.uniform(k_off, (self.crop_num, 2))
