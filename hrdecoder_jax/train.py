@@ -338,7 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final
                 if is_main:
                     terms = "  ".join(f"{k} {values[k]:.4f}" for k in ("total", "fuse", "hr", "lr", "seg")
                                       if k in values)
-                    print(f"[train] step {done}/{config.total_steps}  {terms}  lr {values['lr']:.2e}  "
+                    print(f"[train] step {done}/{config.total_steps}  {terms}  lr {values['learning_rate']:.2e}  "
                           f"{rate:.2f} img/s  eta {_format_eta(eta)}", flush=True)
                 t_log, steps_since = now, 0
             if config.eval_every and done % config.eval_every == 0 and done < config.total_steps:
@@ -403,6 +403,8 @@ def main(argv=None) -> None:
     FLAGS = flags.FLAGS
 
     def run(_):
+        if not FLAGS["verbosity"].present:   # Orbax logs every save at INFO; our progress lines are printed
+            logging.set_verbosity(logging.WARNING)
         # TensorFlow (tf.data) must never take GPU memory.
         import tensorflow as tf
         tf.config.set_visible_devices([], "GPU")
