@@ -62,7 +62,10 @@ class Checkpointer:
         return self.latest.latest_step()
 
     def save(self, step: int, *, model: Mapping, opt_state: Any, meta: dict, force: bool = False) -> bool:
-        """Save a training state (async). ``meta`` is JSON (step, config digest, data position...)."""
+        """Save a training state (async). ``meta`` is JSON (step, config digest, data position...).
+        A step already saved is not written again (a periodic save followed by a stop at the same step)."""
+        if step == self.latest.latest_step():
+            return False
         args = {"model": ocp.args.StandardSave(model), "meta": ocp.args.JsonSave(meta)}
         if opt_state is not None:
             args["opt_state"] = ocp.args.StandardSave(opt_state)

@@ -45,10 +45,12 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int):
 
     def schedule(i):
         i = jnp.asarray(i, jnp.float32)
-        regular = (base - min_lr) * jnp.maximum(1.0 - i / total_steps, 0.0) ** power + min_lr
+        # (total - i) / total rather than 1 - i / total: exact step counts keep float32 accurate at the end.
+        regular = (base - min_lr) * jnp.maximum((total_steps - i) / total_steps, 0.0) ** power + min_lr
         if warmup <= 0:
             return regular
-        factor = 1.0 - (1.0 - i / warmup) * (1.0 - ratio)
+        # = 1 - (1 - i / warmup) * (1 - ratio), written so float32 keeps lr(0) = ratio * lr exactly.
+        factor = ratio + (1.0 - ratio) * (i / warmup)
         return jnp.where(i < warmup, regular * factor, regular)
 
     return schedule
@@ -138,6 +140,9 @@ class MetricsLog:
         self.enabled = enabled
         self.writer = None
         self.file = None
+        if not enabled and jax.process_count() > 1:
+            # Other processes keep a private log of the (replicated) values, so runs can be compared.
+            self.file = open(os.path.join(workdir, f"metrics.process{jax.process_index()}.jsonl"), "a")
         if enabled:
             self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")
             try:
@@ -148,10 +153,9 @@ class MetricsLog:
                 logging.warning("TensorBoard writer unavailable (%s); metrics.jsonl only", e)
 
     def write(self, step: int, kind: str, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            self.file.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+            self.file.flush()
         if self.writer is not None:
             self.writer.write_scalars(step, {f"{kind}/{k}": v for k, v in values.items()
                                              if isinstance(v, (int, float)) and math.isfinite(v)})
@@ -159,9 +163,11 @@ class MetricsLog:
     def close(self) -> None:
         if self.file:
             self.file.close()
+            self.file = None
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+            self.writer = None
 
 
 def _format_eta(seconds: float) -> str:
@@ -209,8 +215,13 @@ def _initialise(model, config, workdir: str, ckpt: checkpoint.Checkpointer) -> t
 # ----------------------------------------------------------------------------------------------------
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final_eval: bool = True) -> dict:
-    """Train ``config`` in ``workdir``; returns the final test metrics (or the last losses)."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final_eval: bool = True,
+                       stop_after: int | None = None) -> dict:
+    """Train ``config`` in ``workdir``; returns the final test metrics (or the last losses).
+
+    ``stop_after``: end this run after that many steps with a checkpoint, as a preemption would (the
+    schedule still spans ``total_steps``; running again resumes). For tests and time-sliced clusters.
+    """
     from hrdecoder_jax import evaluate as evaluation
     from hrdecoder_jax.data import pipeline
 
@@ -345,6 +356,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final
                 validate(done)
             if done % config.checkpoint_every == 0 or done == config.total_steps:
                 save(done)
+            if stop_after is not None and done - start_step >= stop_after and done < config.total_steps:
+                save(done, force=True)
+                ckpt.wait()
+                ckpt.close()
+                return {"train": last, "steps": done, "stopped": True}
             if stop["signal"] is not None:
                 logging.warning("signal %s: saving step %d and exiting", stop["signal"], done)
                 save(done, force=True)
@@ -415,6 +431,11 @@ def main(argv=None) -> None:
                                        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
         elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
             jax.distributed.initialize()   # coordinator, process count and id from the SLURM environment
+        if jax.process_count() > 1:
+            # Set up the collectives while every process stands right behind initialize(): the CPU (gloo)
+            # context waits only 30 s for peers, and later barriers can come minutes apart on a busy host.
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("hrdecoder_jax.train:start")
         logging.info("JAX %s, process %d of %d, local devices %s", jax.__version__, jax.process_index(),
                      jax.process_count(), jax.local_devices())
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from hrdecoder_jax.models.layers import ConvModule, conv
+from hrdecoder_jax.models.layers import ConvModule, _host_normal_init, conv
 
 Array = jax.Array
 
@@ -42,7 +42,7 @@ class FCNHead(nnx.Module):
                         if dropout_ratio > 0 else None)
         # BaseDecodeHead init: conv_seg ~ Normal(0, 0.01), bias 0.
         self.conv_seg = conv(channels, num_classes, 1, use_bias=True,
-                             kernel_init=nnx.initializers.normal(0.01), dtype=dtype, rngs=rngs)
+                             kernel_init=_host_normal_init(lambda shape: 0.01), dtype=dtype, rngs=rngs)
         self.num_classes = num_classes
 
     def __call__(self, x: Array) -> Array:

@@ -1,0 +1,498 @@
+"""Speed, memory and FLOPs of a config's model: ``python -m hrdecoder_jax.benchmark --config configs/idrid.py``.
+
+Measures, at the config's paper resolution (training image = ``data.crop_size``; inference image = the
+slide window ``model.test_cfg.crop_size`` in slide mode or ``data.test_scale`` in whole mode) or at
+``--image_size``:
+
+  params   learnable parameters (BN statistics excluded)
+  train    one jitted SGD train step (value_and_grad of ``train_losses(...)['total']``, BN statistics updated,
+           crop boxes drawn in-graph from a key that changes every step): compile time, median/min step time
+           over ``--repeats`` steps, images/s, and the number of compilations over the timed steps (must be 1)
+  infer    one jitted eval forward on ``[1, H, W, 3]``: compile time, median/min seconds, images/s
+  memory   XLA's compiled memory analysis of the train step and of the forward (temp, arguments, outputs,
+           aliased/donated; peak estimate = temp + arguments + outputs - aliased), and the device's live peak
+           (``memory_stats()['peak_bytes_in_use']``; None on a CPU)
+  flops    XLA cost-analysis FLOPs per image of the forward and of the train step
+  input    the input pipeline's samples/s at the config's crop size next to the train step's demand
+           (synthetic images at the config's ``data.img_scale`` when the dataset is IDRiD or DDR)
+
+``memory`` and ``flops`` only compile (abstract shapes, nothing runs), so they work for models too big to
+execute on the machine at hand; ``memory_infer``/``memory_train``/``flops_infer``/``flops_train`` compile only
+one of the two functions (the train step's compilation is the slow one). Examples::
+
+  python -m hrdecoder_jax.benchmark --config configs/tiny.py
+  python -m hrdecoder_jax.benchmark --config configs/idrid.py --what infer,flops --image_size 1024,1024 --hr_scale 512
+  python -m hrdecoder_jax.benchmark --config configs/idrid.py:efficient --what flops,memory --json out.json
+  python -m hrdecoder_jax.benchmark --config configs/idrid.py --width 18 --what infer   # HRNetV2-W18 backbone
+
+``--config.x=y`` overrides any config field, as in training.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from hrdecoder_jax import config_utils
+from hrdecoder_jax.models import build_model
+
+ALL = ("train", "infer", "memory", "flops", "input")
+PARTS = ("memory_train", "memory_infer", "flops_train", "flops_infer")   # one function's memory / FLOPs only
+DEFAULT_WHAT = ("train", "infer", "memory", "flops")
+
+
+def _log(msg: str) -> None:
+    print(f"[benchmark] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+def with_width(model_cfg: ml_collections.ConfigDict, width: int) -> ml_collections.ConfigDict:
+    """``model_cfg`` with the HRNetV2 branch width ``width`` (18, 32, 48 ...), keeping its depth; the head's
+    input width follows (and the FCN baseline's ``channels``, which equal it)."""
+    m = ml_collections.ConfigDict(model_cfg.to_dict())
+    extra = m.backbone.extra
+    num_modules = [extra[f"stage{i}"].num_modules for i in range(1, 5)]
+    num_blocks = [extra[f"stage{i}"].num_blocks[0] for i in range(1, 5)]
+    m.backbone.extra = config_utils.hrnet_extra(width, num_modules=num_modules, num_blocks=num_blocks)
+    concat = width * 15
+    if m.type == "FCN":
+        m.decode_head.in_channels = concat
+        m.decode_head.channels = concat
+    elif not (m.type == "EfficientHRDecoder" and m.hr_settings.get("visual_dim")):
+        m.decode_head.in_channels = concat
+    return m
+
+
+def _sizes(config, image_size) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(training image size, inference image size), both (H, W)."""
+    if image_size is not None:
+        s = tuple(int(v) for v in image_size)
+        return s, s
+    train = tuple(int(v) for v in config.data.crop_size)
+    tc = config.model.test_cfg
+    if tc.mode == "slide":
+        infer = tuple(int(v) for v in tc.crop_size)
+    else:
+        w, h = config.data.test_scale
+        infer = (int(h), int(w))
+    return train, infer
+
+
+def _model_config(config, width, hr_scale) -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict(config.model.to_dict())
+    if width is not None:
+        m = with_width(m, int(width))
+    if hr_scale is not None:
+        if m.get("hr_settings") is None:
+            _log("--hr_scale ignored: the FCN baseline has no hr_settings")
+        else:
+            hs = (int(hr_scale), int(hr_scale)) if np.isscalar(hr_scale) else tuple(int(v) for v in hr_scale)
+            m.hr_settings.hr_scale = hs
+    return m
+
+
+def abstract_model(model_cfg) -> nnx.Module:
+    """The model with ``ShapeDtypeStruct`` leaves (nothing allocated). Falls back to a concrete build (with
+    a warning) if an initialiser cannot be traced (e.g. one that draws on the host with NumPy)."""
+    try:
+        return nnx.eval_shape(lambda: build_model(model_cfg, rngs=nnx.Rngs(0)))
+    except jax.errors.TracerArrayConversionError as e:
+        _log(f"WARNING: the model cannot be built abstractly ({type(e).__name__}: an initialiser converts a "
+             "traced key to NumPy); building it with weights instead")
+        return build_model(model_cfg, rngs=nnx.Rngs(0))
+
+
+def param_count(model: nnx.Module) -> int:
+    """Learnable parameters of a concrete or abstract model."""
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Jitted functions
+# ----------------------------------------------------------------------------------------------------
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, image_size: Sequence[int], counter: list,
+                    seed: int = 0):
+    """``jit(step(params, rest, opt_state, step, images, labels) -> (params, rest, opt_state, loss, boxes))``
+    with params, rest and opt_state donated. ``counter[0]`` counts traces (= compilations of new signatures).
+    Crop boxes are drawn in-graph from ``fold_in(PRNGKey(seed), step)`` and returned (``[0, 4]`` for FCN)."""
+    base_key = jax.random.PRNGKey(seed)
+
+    def loss_fn(params, rest, images, labels, key):
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        if hasattr(model, "sample_crop_boxes"):
+            boxes = model.sample_crop_boxes(key, image_size)
+        else:
+            boxes = jnp.zeros((0, 4), jnp.int32)
+        losses = model.train_losses(images, labels, crop_boxes=boxes)
+        return losses["total"], (nnx.state(model, nnx.Not(nnx.Param)), boxes)
+
+    def step_fn(params, rest, opt_state, step, images, labels):
+        counter[0] += 1
+        key = jax.random.fold_in(base_key, step)
+        (loss, (rest, boxes)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, images, labels, key)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, rest, opt_state, loss, boxes
+
+    return jax.jit(step_fn, donate_argnums=(0, 1, 2))
+
+
+def make_forward(graphdef, counter: list):
+    """``jit(forward(state, images) -> logits)`` of the model (eval mode) ``graphdef``, as ``inference.make_forward``
+    does, exposed as a jitted function so it can be lowered and analysed."""
+
+    def forward(state, images):
+        counter[0] += 1
+        return nnx.merge(graphdef, state)(images)
+
+    return jax.jit(forward)
+
+
+def _shape_of(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def _memory(compiled) -> dict[str, int | None]:
+    try:
+        ma = compiled.memory_analysis()
+    except Exception as e:  # some backends do not implement it
+        _log(f"memory_analysis unavailable: {e}")
+        return {}
+    if ma is None:
+        return {}
+    temp, arg = int(ma.temp_size_in_bytes), int(ma.argument_size_in_bytes)
+    out, alias = int(ma.output_size_in_bytes), int(ma.alias_size_in_bytes)
+    res = {"temp_bytes": temp, "argument_bytes": arg, "output_bytes": out, "alias_bytes": alias,
+           "peak_estimate_bytes": temp + arg + out - alias}
+    peak = getattr(ma, "peak_memory_in_bytes", 0)
+    if peak and jax.devices()[0].platform != "cpu":   # the CPU backend reports about the argument size only
+        res["xla_peak_bytes"] = int(peak)
+    return res
+
+
+def _flops(compiled) -> float | None:
+    try:
+        ca = compiled.cost_analysis()
+    except Exception as e:
+        _log(f"cost_analysis unavailable: {e}")
+        return None
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else None
+    if not ca or "flops" not in ca:
+        return None
+    return float(ca["flops"])
+
+
+def _time(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input pipeline
+# ----------------------------------------------------------------------------------------------------
+
+
+def measure_input(config, batch: int, num_batches: int = 3, data_dir: str | None = None) -> tuple[float, str]:
+    """Samples/s of the training input pipeline at the config's crop size, and a note on the data used."""
+    import tensorflow as tf
+    tf.config.set_visible_devices([], "GPU")
+    from hrdecoder_jax.data import load_split, synthetic_config
+    from hrdecoder_jax.data.bench_input import measure_throughput
+
+    data_cfg = ml_collections.ConfigDict(config.data.to_dict())
+    n = max(batch, 2)
+    if data_cfg.name == "synthetic_fundus":
+        s = data_cfg.synthetic
+        syn = synthetic_config(s.height, s.width, s.num_train, s.num_test, s.seed, s.lesion_scale)
+        ddir = os.path.expanduser(data_dir or data_cfg.data_dir or tempfile.mkdtemp(prefix="bench_tfds_"))
+        note = f"synthetic_fundus {s.height}x{s.width} ({s.num_train} train images)"
+    else:
+        w, h = data_cfg.img_scale
+        syn = synthetic_config(int(h), int(w), n, 1, 0)
+        ddir = data_dir or tempfile.mkdtemp(prefix="bench_tfds_")
+        note = (f"SYNTHETIC stand-in for {data_cfg.name}: {n} synthetic_fundus images of {h}x{w} "
+                f"(the config's img_scale), not the real dataset")
+        _log(f"input: no real {data_cfg.name} data; generating {n} synthetic images of {h}x{w} in {ddir}")
+    ds = load_split("synthetic_fundus", "train", data_dir=ddir, config=syn)
+    data_cfg.cache = False   # measure decoding + augmentation every time, not a warm in-memory cache
+    _log(f"input: timing {num_batches} batches of {batch} ...")
+    rate = measure_throughput(ds, data_cfg, batch, num_batches, warmup_batches=1)
+    return float(rate), note
+
+
+# ----------------------------------------------------------------------------------------------------
+# The benchmark
+# ----------------------------------------------------------------------------------------------------
+
+
+def run_benchmark(config: ml_collections.ConfigDict, what: Sequence[str] = DEFAULT_WHAT, repeats: int = 3,
+                  batch: int = 1, image_size: Sequence[int] | None = None, hr_scale=None,
+                  width: int | None = None, input_batches: int = 3, data_dir: str | None = None,
+                  config_name: str | None = None) -> dict[str, Any]:
+    """Run the measurements ``what`` (subset of ``ALL``) and return a flat dict (see ``UNITS`` for units).
+
+    ``image_size`` (H, W) overrides both the training and the inference image; ``hr_scale`` (int or (H, W))
+    overrides ``model.hr_settings.hr_scale``; ``width`` the HRNetV2 branch width.
+    """
+    what = set(what)
+    unknown = what - set(ALL) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown measurements {sorted(unknown)}; choose from {ALL + PARTS}")
+    for whole in ("memory", "flops"):          # 'flops' = flops of both functions, 'flops_infer' only one
+        if whole in what:
+            what |= {f"{whole}_train", f"{whole}_infer"}
+    dev = jax.devices()[0]
+    model_cfg = _model_config(config, width, hr_scale)
+    train_size, infer_size = _sizes(config, image_size)
+    check = ml_collections.ConfigDict(model_cfg.to_dict())
+    if image_size is not None:                 # the image itself is measured, not the config's test window
+        check.test_cfg.mode = "whole"
+    try:
+        config_utils.validate_model_config(check, train_size, infer_size)
+    except config_utils.ConfigError as e:
+        _log(f"WARNING: these sizes do not validate ({e}); measuring anyway")
+    res: dict[str, Any] = {
+        "config": config_name, "device_kind": dev.device_kind, "platform": dev.platform,
+        "jax_version": jax.__version__, "model_type": model_cfg.type,
+        "width": int(model_cfg.backbone.extra.stage2.num_channels[0]),
+        "hr_scale": list(model_cfg.hr_settings.hr_scale) if model_cfg.get("hr_settings") else None,
+        "batch": int(batch), "train_image_size": list(train_size), "infer_image_size": list(infer_size),
+    }
+    run_train = "train" in what or "input" in what
+    need_train = run_train or "memory_train" in what or "flops_train" in what
+    need_infer = "infer" in what or "memory_infer" in what or "flops_infer" in what
+    concrete = run_train or "infer" in what
+
+    _log(f"building {model_cfg.type} (W{res['width']}, hr_scale {res['hr_scale']}) "
+         f"{'with weights' if concrete else 'abstractly'} ...")
+    model = build_model(model_cfg, rngs=nnx.Rngs(0)) if concrete else abstract_model(model_cfg)
+    res["params"] = param_count(model)
+
+    h, w = train_size
+    train_images = jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32)
+    train_labels = jax.ShapeDtypeStruct((batch, h, w), jnp.int32)
+    infer_images = jax.ShapeDtypeStruct((1, *infer_size, 3), jnp.float32)
+
+    if need_train:
+        model.train()
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(1e-3, momentum=0.9))
+        opt_state = jax.eval_shape(tx.init, params) if not concrete else tx.init(params)
+        counter = [0]
+        step = make_train_step(graphdef, tx, train_size, counter)
+        args = (_shape_of(params), _shape_of(rest), _shape_of(opt_state), jax.ShapeDtypeStruct((), jnp.int32),
+                train_images, train_labels)
+        _log(f"compiling the train step on {batch}x{h}x{w} ...")
+        t0 = time.perf_counter()
+        lowered = step.lower(*args)
+        t1 = time.perf_counter()
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+        res["train_trace_s"] = t1 - t0
+        res["train_compile_s"] = t2 - t1
+        _log(f"compiled in {t2 - t0:.1f} s")
+        if "memory_train" in what:
+            res.update({f"train_mem_{k}": v for k, v in _memory(compiled).items()})
+        if "flops_train" in what:
+            f = _flops(compiled)
+            res["train_flops_per_image"] = None if f is None else f / batch
+        if run_train:
+            rng = np.random.default_rng(0)
+            images = jnp.asarray(rng.standard_normal((batch, h, w, 3), np.float32))
+            labels = jnp.asarray(np.where(rng.random((batch, h, w)) < 0.02,
+                                          rng.integers(1, 5, (batch, h, w)), 0).astype(np.int32))
+            state = [params, rest, opt_state]
+            boxes_seen, losses = [], []
+            traces_before = counter[0]
+
+            def one(i):
+                def call():
+                    p, r, o, loss, boxes = step(*state, jnp.int32(i), images, labels)
+                    state[:] = [p, r, o]
+                    losses.append(loss)
+                    boxes_seen.append(boxes)
+                    return loss
+                return call
+
+            _log("first (warm-up) train step ...")
+            res["train_first_step_s"] = _time(one(0), 1)[0]
+            _log(f"timing {repeats} train steps ...")
+            times = [_time(one(i + 1), 1)[0] for i in range(repeats)]
+            res["train_step_median_s"] = statistics.median(times)
+            res["train_step_min_s"] = min(times)
+            res["train_images_per_s"] = batch / statistics.median(times)
+            # Compilations over the warm-up + timed steps; the lowering above traced once.
+            res["train_compile_count"] = counter[0] - traces_before + 1
+            cache = getattr(step, "_cache_size", None)
+            res["train_jit_cache_size"] = int(cache()) if cache else None
+            draws = {tuple(np.asarray(b).ravel().tolist()) for b in boxes_seen}
+            res["train_distinct_crop_draws"] = len(draws)
+            res["train_final_loss"] = float(losses[-1])
+            nnx.update(model, state[0], state[1])   # the donated buffers are gone; keep the model usable
+            del state
+        del compiled, lowered
+
+    if need_infer:
+        model.eval()
+        graphdef, state = nnx.split(model)
+        counter = [0]
+        fwd = make_forward(graphdef, counter)
+        _log(f"compiling the forward on 1x{infer_size[0]}x{infer_size[1]} ...")
+        t0 = time.perf_counter()
+        compiled = fwd.lower(_shape_of(state), infer_images).compile()
+        res["infer_compile_s"] = time.perf_counter() - t0
+        _log(f"compiled in {res['infer_compile_s']:.1f} s")
+        if "memory_infer" in what:
+            res.update({f"infer_mem_{k}": v for k, v in _memory(compiled).items()})
+        if "flops_infer" in what:
+            res["infer_flops_per_image"] = _flops(compiled)
+        if "infer" in what:
+            images = jnp.asarray(np.random.default_rng(1).standard_normal((1, *infer_size, 3), np.float32))
+            _log("first (warm-up) forward ...")
+            res["infer_first_s"] = _time(lambda: fwd(state, images), 1)[0]
+            _log(f"timing {repeats} forwards ...")
+            times = _time(lambda: fwd(state, images), repeats)
+            res["infer_median_s"] = statistics.median(times)
+            res["infer_min_s"] = min(times)
+            res["infer_images_per_s"] = 1.0 / statistics.median(times)
+            res["infer_compile_count"] = counter[0]
+        del compiled
+
+    if "memory_train" in what or "memory_infer" in what:
+        stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+        res["device_peak_bytes"] = int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+    if "input" in what:
+        rate, note = measure_input(config, batch, input_batches, data_dir)
+        res["input_samples_per_s"] = rate
+        res["input_data"] = note
+        demand = res.get("train_images_per_s")
+        res["input_over_train_demand"] = rate / demand if demand else None
+    return res
+
+
+UNITS = (("_bytes", "bytes"), ("_per_s", "images/s"), ("_flops_per_image", "FLOP/image"), ("_s", "s"),
+         ("params", "parameters"), ("_count", "compilations"), ("_size", ""), ("input_over_train_demand", "x"))
+
+
+def unit_of(name: str) -> str:
+    if name == "input_samples_per_s":
+        return "samples/s"
+    for suffix, unit in UNITS:
+        if name.endswith(suffix):
+            return unit
+    return ""
+
+
+def _fmt(name: str, v) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        if name.endswith("_flops_per_image"):
+            return f"{v / 1e9:,.2f} G"
+        return f"{v:.4g}"
+    if isinstance(v, int) and name.endswith("_bytes"):
+        return f"{v:,} ({v / 2 ** 30:.2f} GiB)"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def format_table(res: dict[str, Any]) -> str:
+    rows = [(k, _fmt(k, v), unit_of(k)) for k, v in res.items()]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    lines = [f"{'name':<{w0}}  {'value':>{w1}}  unit", "-" * (w0 + w1 + 14)]
+    lines += [f"{n:<{w0}}  {v:>{w1}}  {u}" for n, v, u in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Load ``configs/x.py[:variant]`` with ``--config.a.b=value`` overrides (ml_collections' parser)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    argv = ["benchmark", f"--config={spec}", *overrides]
+    fv = flags.FlagValues()   # private: main() may run many times in one process (tests)
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=False,
+                                    sys_argv=argv)   # the overrides to define come from argv, not sys.argv
+    fv(argv)
+    return fv.config
+
+
+def _pair(text: str) -> tuple[int, int]:
+    parts = [int(p) for p in text.replace("x", ",").split(",")]
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected H,W, got {text!r}")
+    return parts[0], parts[1]
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m hrdecoder_jax.benchmark",
+                                description=__doc__.splitlines()[0],
+                                epilog="Any --config.FIELD=VALUE is passed on as a config override.")
+    p.add_argument("--config", required=True, help="config file, e.g. configs/idrid.py or configs/ddr.py:fcn_hr")
+    p.add_argument("--what", default=",".join(DEFAULT_WHAT),
+                   help=f"comma-separated subset of {','.join(ALL)} (or {','.join(PARTS)})")
+    p.add_argument("--batch", type=int, default=1, help="training batch size (inference uses 1)")
+    p.add_argument("--image_size", type=_pair, default=None, help="H,W of both the training and inference image")
+    p.add_argument("--hr_scale", type=_pair, default=None, help="override model.hr_settings.hr_scale (S or H,W)")
+    p.add_argument("--width", type=int, default=None, help="override the HRNetV2 width (18, 32, 48)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions")
+    p.add_argument("--input_batches", type=int, default=3, help="timed batches of the input measurement")
+    p.add_argument("--data_dir", default=None, help="tfds data_dir for the input measurement")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args, rest = p.parse_known_args(argv)
+    bad = [a for a in rest if not a.startswith("--config.")]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)}")
+    config = load_config(args.config, rest)
+    what = tuple(x.strip() for x in args.what.split(",") if x.strip())
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind} ({dev.platform}), {jax.device_count()} device(s); jax {jax.__version__}",
+          flush=True)
+    res = run_benchmark(config, what=what, repeats=args.repeats, batch=args.batch, image_size=args.image_size,
+                        hr_scale=args.hr_scale, width=args.width, input_batches=args.input_batches,
+                        data_dir=args.data_dir, config_name=args.config + (" " + " ".join(rest) if rest else ""))
+    print(format_table(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+            f.write("\n")
+    print(json.dumps(res), flush=True)
+    return res
+
+
+if __name__ == "__main__":
+    main()
