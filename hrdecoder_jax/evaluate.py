@@ -16,7 +16,7 @@ prints the per-lesion table and writes ``metrics.json``, ``per_image.csv`` and `
 
 Memory: each image goes through ``inference`` -> ``probabilities`` -> ``LesionMetricAccumulator.update`` and
 is dropped; the accumulator keeps counts and a few scalars per image, so host memory does not grow with
-the number of images (see ``EVALUATE.md`` for a measurement at IDRiD resolution).
+the number of images (see ``docs/evaluation.md`` for a measurement at IDRiD resolution).
 """
 from __future__ import annotations
 
