@@ -3,8 +3,9 @@
   python -m hrdecoder_jax.train --config configs/synthetic.py --workdir runs/synthetic
 
 Generates the dataset on first use (512x512 images, 48 train (5 held out for validation) / 16 test),
-trains a W18 HRDecoder with two modules fewer than HRNetV2 for 10 minutes of CPU or so,
-then evaluates on the test split and prints the per-lesion table.
+trains a shallow W18 HRDecoder (one module and one block per stage, 32-channel 3x3 head, hr_scale 128 on
+256 crops) for 1500 steps of batch 4 (about 10 minutes on a 2-core CPU), then evaluates on the test
+split and prints the per-lesion table.
 Variants ``--config configs/synthetic.py:VARIANT``: hrdecoder (default), efficient, fcn_lr, fcn_hr.
 """
 from hrdecoder_jax import config_utils
@@ -13,13 +14,14 @@ from hrdecoder_jax import config_utils
 def get_config(variant: str = "hrdecoder"):
     config = config_utils.base_config()
     config.seed = 0
-    config.total_steps = 300
+    config.total_steps = 1500
     config.global_batch_size = 4
-    config.log_every = 10
-    config.eval_every = 100
-    config.checkpoint_every = 100
-    config.optimizer.warmup_steps = 30
-    config.optimizer.lr = 0.05
+    config.log_every = 50
+    config.eval_every = 500
+    config.checkpoint_every = 250
+    # AdamW for the demo: the paper's SGD schedule (kept in configs/idrid.py and ddr.py) needs thousands
+    # of steps before the dice loss moves; AdamW reaches a useful model within the CPU budget.
+    config.optimizer.update(name="adamw", lr=2e-3, weight_decay=1e-4, warmup_steps=50)
     config.data = config_utils.synthetic_data_config(image_size=(512, 512), crop_size=(256, 256),
                                                      ratio_range=(0.5, 1.0))
     config.data.cat_max_ratio = 1.0   # the re-draw loop almost never succeeds anyway (SPEC g)

@@ -331,10 +331,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final
             images = jax.make_array_from_process_local_data(data_sharding, batch["image"])
             labels = jax.make_array_from_process_local_data(data_sharding, batch[label_key])
             params, rest, opt_state, metrics = jit_step(params, rest, opt_state, jnp.int32(step), images, labels)
-            total = float(metrics["total"])
-            if not math.isfinite(total):
-                raise FloatingPointError(f"loss is {total} at step {step}; stopping. The last good checkpoint "
-                                         f"in {workdir} is kept (step {ckpt.latest_step()}).")
+            total, grad_norm = (float(v) for v in jax.device_get((metrics["total"], metrics["grad_norm"])))
+            if not (math.isfinite(total) and math.isfinite(grad_norm)):
+                raise FloatingPointError(f"loss {total}, gradient norm {grad_norm} at step {step + 1}; stopping. "
+                                         f"The last good checkpoint in {workdir} is kept "
+                                         f"(step {ckpt.latest_step()}).")
             steps_since += 1
             done = step + 1
             if done % config.log_every == 0 or done == config.total_steps:

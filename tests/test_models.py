@@ -124,28 +124,19 @@ def test_training_losses_and_bn_statistics_match_reference(io, train_f32):
         bn = model.decode_head.convs[i].bn
         assert rel_err(bn.mean[...], io[f"train_buffer/decode_head.convs.{i}.bn.running_mean"]) < 1e-5
         assert rel_err(bn.var[...], io[f"train_buffer/decode_head.convs.{i}.bn.running_var"]) < 1e-5
-    # Head-output gradients agree in float32 as the fixture README states.
-    for name in ("decode_head.conv_seg.weight", "decode_head.conv_seg.bias"):
-        assert rel_err(flat[GRAD_KEYS[name]], _ref_grad(io, name)) < 1e-4, name
+    # The four recorded gradients agree in float32 as the fixture README states (measured: <= 5.2e-6).
+    for name, key in GRAD_KEYS.items():
+        assert rel_err(flat[key], _ref_grad(io, name)) < 1e-4, name
 
 
-def test_training_gradients_match_reference_in_float64(fixtures_dir, io, train_f32):
-    """All four recorded gradients, computed in float64, match the reference within 1e-4 (measured: <= 3e-6).
-
-    Why float64: the two gradients deepest through the fusion-window path (``convs.0`` and ``conv1``) come
-    out of our own float32 computation 6e-4..9e-4 away from our own float64 one (and from the
-    reference), while the reference, whose CPU kernels accumulate reductions more precisely, sits 3e-6
-    from our float64 value. So the computation is the same; float32 rounding in JAX's backward decides
-    the last digits. The float32 values are checked against the float64 ones at that measured level.
-    """
+def test_training_gradients_match_reference_in_float64(fixtures_dir, io):
+    """The same computation in float64 sits within 1e-4 of the reference gradients (measured: <= 3.3e-6),
+    which separates the model's maths from float32 rounding of the convolution kernels."""
     with jax.enable_x64(True):
         _, losses64, flat64 = _train_losses_and_grads(fixtures_dir, io, "float64")
         assert losses64["total"].dtype == jnp.float64
         for name, key in GRAD_KEYS.items():
             assert rel_err(flat64[key], _ref_grad(io, name)) < 1e-4, name
-    _, _, flat32 = train_f32
-    for name, key in GRAD_KEYS.items():
-        assert rel_err(flat32[key], flat64[key]) < 2e-3, name
 
 
 def test_weights_load_from_pth_and_npz_identically(fixtures_dir):

@@ -136,3 +136,24 @@ def test_two_process_launch_agrees(tmp_path):
     for step in p0:
         assert p0[step] == p1[step]
         assert p0[step] == pytest.approx(ref[step], rel=1e-5), step
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = shrunk_synthetic_config(tmp_path / "data", total_steps=4)
+    config.eval_every = 0
+    config.checkpoint_every = 1
+    train_and_evaluate(config, str(tmp_path / "w"), final_eval=False, stop_after=1)   # a good step 1
+    config.data.std = (0.0, 0.0, 0.0)                      # normalisation divides by 0: inf images, NaN loss
+    with pytest.raises(FloatingPointError, match=r"at step 2; stopping.*\(step 1\)"):
+        train_and_evaluate(config, str(tmp_path / "w"), final_eval=False)
+    assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == ["1"]
+
+
+def test_unknown_config_field_fails_at_start(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "hrdecoder_jax.train", f"--config={REPO / 'configs' / 'tiny.py'}",
+         f"--workdir={tmp_path / 'w'}", "--config.model.hr_settings.no_such_field=3"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "no_such_field" in result.stderr
+    assert not (tmp_path / "w" / "checkpoints").exists()

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import tensorflow_datasets as tfds
 
-from hrdecoder_jax.data import masks as _m
-from hrdecoder_jax.data.synthetic import _no_code_path, features
+from hrdecoder_jax.data.synthetic import ManualLesionBuilder, features
 
 SPLIT_NAMES = {
     "train": ("train", "training"),
@@ -23,13 +22,12 @@ EXPECTED = ("the DDR 'lesion_segmentation' folder with {train,valid,test}/image/
             "{train,valid,test}/label/{EX,HE,MA,SE}/*.tif")
 
 
-class Ddr(tfds.core.GeneratorBasedBuilder):
+class Ddr(ManualLesionBuilder):
     """DDR lesion segmentation (757 annotated images, usually split 383 train / 149 valid / 225 test)."""
 
     name = "ddr"
-    code_path = _no_code_path
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First version."}
+    SPLIT_NAMES = SPLIT_NAMES
+    EXPECTED = EXPECTED
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Download the DDR dataset from the nkicsl/DDR-dataset GitHub repository (links in its README), extract "
         "it and put the 'lesion_segmentation' folder (or the whole extracted dataset) into the manual dir.")
@@ -42,13 +40,3 @@ class Ddr(tfds.core.GeneratorBasedBuilder):
             features=features(),
             homepage="https://github.com/nkicsl/DDR-dataset",
         )
-
-    def _split_generators(self, dl_manager):
-        layout = _m.find_layout(_m.manual_dir_of(dl_manager), dataset=self.name, split_names=SPLIT_NAMES,
-                                expected=EXPECTED)
-        for sf in layout.splits.values():
-            _m.log_missing(self.name, sf)
-        return {s: self._generate_examples(layout, s) for s in layout.splits}
-
-    def _generate_examples(self, layout, split):
-        yield from _m.generate_examples(layout, split)

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import tensorflow_datasets as tfds
 
-from hrdecoder_jax.data import masks as _m
-from hrdecoder_jax.data.synthetic import _no_code_path, features
+from hrdecoder_jax.data.synthetic import ManualLesionBuilder, features
 
 SPLIT_NAMES = {
     "train": ("train", "training", "training set", "a. Training Set"),
@@ -28,13 +27,12 @@ EXPECTED = ("the IDRiD 'A. Segmentation' download (zip or folder with '1. Origin
             "'labels/{train,test}/{EX,HE,SE,MA}' (or fused 'labels/{train,test}/*.png')")
 
 
-class Idrid(tfds.core.GeneratorBasedBuilder):
+class Idrid(ManualLesionBuilder):
     """IDRiD lesion segmentation (54 train / 27 test images of 4288x2848 in the official release)."""
 
     name = "idrid"
-    code_path = _no_code_path
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First version."}
+    SPLIT_NAMES = SPLIT_NAMES
+    EXPECTED = EXPECTED
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Download 'A. Segmentation.zip' of the Indian Diabetic Retinopathy Image Dataset (IDRiD) from IEEE "
         "DataPort and put the zip, or its extracted 'A. Segmentation' folder, into the manual dir. The mmseg "
@@ -48,13 +46,3 @@ class Idrid(tfds.core.GeneratorBasedBuilder):
             features=features(),
             homepage="https://ieee-dataport.org/open-access/indian-diabetic-retinopathy-image-dataset-idrid",
         )
-
-    def _split_generators(self, dl_manager):
-        layout = _m.find_layout(_m.manual_dir_of(dl_manager), dataset=self.name, split_names=SPLIT_NAMES,
-                                expected=EXPECTED)
-        for sf in layout.splits.values():
-            _m.log_missing(self.name, sf)
-        return {s: self._generate_examples(layout, s) for s in layout.splits}
-
-    def _generate_examples(self, layout, split):
-        yield from _m.generate_examples(layout, split)

@@ -426,3 +426,28 @@ class SyntheticFundus(tfds.core.GeneratorBasedBuilder):
             image, masks = generate_fundus(example_seed(c.seed, split, i), c.height, c.width, lesion_scale=c.lesion_scale)
             name = f"synthetic_{split}_{i:04d}"
             yield name, {"image": image, "masks": masks, "name": name}
+
+
+class ManualLesionBuilder(tfds.core.GeneratorBasedBuilder):
+    """Shared split discovery of the manual-directory builders (``idrid``, ``ddr``). Subclasses give
+    ``name``, ``_info``, ``SPLIT_NAMES`` (split -> accepted folder names) and ``EXPECTED`` (what the
+    error message says should be there). Stays abstract (no ``_info``), so tfds does not register it."""
+
+    code_path = _no_code_path
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First version."}
+    SPLIT_NAMES: dict = {}
+    EXPECTED: str = ""
+
+    def _split_generators(self, dl_manager):
+        from hrdecoder_jax.data import masks as _m
+        layout = _m.find_layout(_m.manual_dir_of(dl_manager), dataset=self.name, split_names=self.SPLIT_NAMES,
+                                expected=self.EXPECTED)
+        for split_files in layout.splits.values():
+            _m.log_missing(self.name, split_files)
+        return {s: self._generate_examples(layout, s) for s in layout.splits}
+
+    def _generate_examples(self, layout, split):
+        from hrdecoder_jax.data import masks as _m
+        yield from _m.generate_examples(layout, split)
+
