@@ -79,6 +79,16 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
     assert (tmp_path / "full" / "config.json").exists() and (tmp_path / "full" / "best").is_dir()
     vals = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl") if '"val"' in line]
     assert [v["step"] for v in vals] == [2, 4] and all(0 <= v["mIoU"] <= 1 for v in vals)
+    # The checkpoint written from 4 devices restores onto one (a fresh model lives on a single device).
+    from flax import nnx
+    from hrdecoder_jax import checkpoint
+    from hrdecoder_jax.models import build_model
+    model = build_model(config.model, rngs=nnx.Rngs(123))
+    before = np.asarray(model.decode_head.conv_seg.kernel[...]).copy()
+    meta = checkpoint.restore_model(str(tmp_path / "full"), model)
+    kernel = model.decode_head.conv_seg.kernel[...]
+    assert meta["step"] == 4 and len(kernel.sharding.device_set) == 1
+    assert not np.allclose(np.asarray(kernel), before)
 
 
 def test_bad_settings_fail_before_training(tmp_path):
