@@ -22,7 +22,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 from flax import nnx
@@ -191,6 +190,9 @@ def _initialise(model, config, workdir: str, ckpt: checkpoint.Checkpointer) -> t
     if ckpt.latest_step() is not None:
         return f"resuming from {workdir} step {ckpt.latest_step()}", "latest"
     if config.resume_from:
+        if not os.path.isdir(os.path.join(os.path.expanduser(config.resume_from), checkpoint.LATEST_DIR)):
+            raise SystemExit(f"config.resume_from={config.resume_from}: no '{checkpoint.LATEST_DIR}' folder of a "
+                             "training run there; point it at the workdir of the run to continue")
         return f"resuming from {config.resume_from}", "resume_from"
     if config.init_from:
         src = os.path.expanduser(config.init_from)
@@ -262,7 +264,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final
     opt_state = tx.init(params)
     start_step, best_miou = 0, -1.0
     if restore_kind is not None:
-        source = ckpt if restore_kind == "latest" else checkpoint.Checkpointer(config.resume_from, keep_best=False)
+        source = ckpt if restore_kind == "latest" else checkpoint.Checkpointer(
+            os.path.expanduser(config.resume_from), keep_best=False)
         step = source.latest_step()
         if step is None:
             raise SystemExit(f"config.resume_from={config.resume_from}: no checkpoint there")
