@@ -188,3 +188,34 @@ def test_accumulation_and_bf16_options_train(tmp_path, override):
     assert np.isfinite(out["total"]) and np.isfinite(out["grad_norm"])
     # Micro-batch BN statistics and bf16 rounding change the loss a little, not its scale.
     assert out["total"] == pytest.approx(ref["total"], rel=0.05)
+
+
+def test_sigterm_saves_and_exits(tmp_path):
+    """SIGTERM (a preemption, SLURM's warning signal) saves the current step and exits with status 143."""
+    import signal
+    import time
+    cfg_file = tmp_path / "cfg.py"
+    cfg_file.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO / 'tests')!r})\n"
+        "from test_train import shrunk_synthetic_config\n"
+        "def get_config():\n"
+        f"    c = shrunk_synthetic_config({str(tmp_path / 'data')!r}, total_steps=100000)\n"
+        "    c.eval_every = 0\n"
+        "    c.checkpoint_every = 100000\n"
+        "    return c\n")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "hrdecoder_jax.train", f"--config={cfg_file}",
+                             f"--workdir={tmp_path / 'w'}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env=env)
+    deadline = time.time() + 400
+    for line in proc.stdout:                       # wait until training runs
+        if line.startswith("[train] step 2/"):
+            break
+        assert time.time() < deadline, "training did not start"
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=300) == 143
+    assert "[stop] received signal" in rest
+    steps = [int(s) for s in os.listdir(tmp_path / "w" / "checkpoints") if s.isdigit()]
+    assert len(steps) == 1 and steps[0] >= 2
