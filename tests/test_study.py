@@ -1,0 +1,28 @@
+"""The tiny-lesion study runs end to end (at toy size) and writes its table, JSON and plot."""
+import json
+
+from hrdecoder_jax.experiments.tiny_lesion_study import run_study, study_config
+
+
+def test_study_config_keeps_the_budget_equal():
+    configs = {v: study_config(v, steps=7) for v in ("fcn_lr", "fcn_hr", "hrdecoder", "efficient")}
+    assert {c.total_steps for c in configs.values()} == {7}
+    assert {c.global_batch_size for c in configs.values()} == {4}
+    assert {c.model.backbone.extra.stage4.num_channels for c in configs.values()} == {(18, 36, 72, 144)}
+    assert configs["fcn_lr"].data.crop_size == (128, 128) and configs["fcn_hr"].data.crop_size == (256, 256)
+    assert configs["hrdecoder"].model.hr_settings.hr_scale == (128, 128)
+    big = study_config("hrdecoder", steps=7, scale=4)
+    assert big.data.crop_size == (1024, 1024) and big.model.hr_settings.hr_scale == (512, 512)
+
+
+def test_study_runs_at_toy_size(tmp_path):
+    rows = run_study(str(tmp_path / "study"), steps=2, scale=0.25, models=("fcn_lr", "hrdecoder"),
+                     data_dir=str(tmp_path / "data"))
+    assert [r["model"] for r in rows] == ["FCN-LR", "HRDecoder"]
+    for r in rows:
+        assert len(r["IoU"]) == 4 and 0 <= r["mIoU"] <= 1 and r["train_memory_bytes"] > 0 and r["infer_flops"] > 0
+    assert rows[0]["train_image"] == [32, 32] and rows[1]["train_image"] == [64, 64]   # FCN-LR: half-size crops
+    saved = json.loads((tmp_path / "study" / "study.json").read_text())
+    assert saved == rows
+    assert (tmp_path / "study" / "study.png").stat().st_size > 1000
+    assert "| HRDecoder |" in (tmp_path / "study" / "study.md").read_text()
