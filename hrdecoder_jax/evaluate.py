@@ -91,31 +91,6 @@ def _name_of(batch: dict, index: int) -> str:
     return name or f"image_{index:04d}"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Precision-recall curve
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _new_accumulator(num_fine_thresholds):
-    from hrdecoder_jax.metrics import LesionMetricAccumulator
-
-    class _CurveAccumulator(LesionMetricAccumulator):
-        """The accumulator plus its per-threshold precision/recall (for ``pr_curves.png``)."""
-
-        def pr_curve(self, grid: str = "fine") -> dict[str, np.ndarray]:
-            """``thresholds [K]``, ``precision [K, 4]``, ``recall [K, 4]`` of the dataset-level counts on the
-            ``fine`` (``linspace(0, 1, num_fine_thresholds)``) or ``reference`` (11 thresholds) grid, with
-            the AUPR rule's conventions (precision 0/0 -> 1, recall 0/0 -> 0)."""
-            self._flush()
-            index = self._fine_index if grid == "fine" else self._coarse_index
-            n = self.num_fine_thresholds if grid == "fine" else 11
-            tp = self._true_positives[index].astype(np.float64)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                precision = np.nan_to_num(tp / self._predicted[index], nan=1.0)
-                recall = np.nan_to_num(tp / self._positives.astype(np.float64), nan=0.0)
-            return {"thresholds": np.linspace(0.0, 1.0, n), "precision": precision, "recall": recall}
-
-    return _CurveAccumulator(num_fine_thresholds=num_fine_thresholds)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -144,6 +119,7 @@ def evaluate(model, config, *, split: str | None = None, max_images: int | None 
 
     from hrdecoder_jax.data.pipeline import make_eval_dataset
     from hrdecoder_jax.inference import inference, make_forward, probabilities
+    from hrdecoder_jax.metrics import LesionMetricAccumulator
 
     if forward is None:
         if model is None:
@@ -164,7 +140,7 @@ def evaluate(model, config, *, split: str | None = None, max_images: int | None 
     total = int(dataset.cardinality())
     total_text = str(total) if total >= 0 else "?"
     test_cfg = config.model.test_cfg
-    accumulator = _new_accumulator(_get(eval_cfg, "num_fine_thresholds"))
+    accumulator = LesionMetricAccumulator(num_fine_thresholds=_get(eval_cfg, "num_fine_thresholds"))
     names: list[str] = []
     t_start = time.perf_counter()
     for i, batch in enumerate(make_eval_dataset(dataset, config.data)):

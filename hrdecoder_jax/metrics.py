@@ -93,12 +93,20 @@ def trapezoid_auc(x: Any, y: Any) -> float:
     return float(direction * np.sum(dx * (y[1:] + y[:-1]) / 2.0))
 
 
-def _aupr(true_positives: np.ndarray, predicted: np.ndarray, positives: np.ndarray) -> np.ndarray:
-    """AUPR ``[4]`` from counts ``true_positives, predicted [K, 4]`` (ascending thresholds), ``positives [4]``."""
+def _precision_recall(true_positives: np.ndarray, predicted: np.ndarray,
+                      positives: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-threshold precision and recall ``[K, 4]`` with the AUPR rule's conventions (0/0 precision -> 1,
+    0/0 recall -> 0)."""
     true_positives = true_positives.astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         precision = np.nan_to_num(true_positives / predicted, nan=1.0)
         recall = np.nan_to_num(true_positives / positives.astype(np.float64), nan=0.0)
+    return precision, recall
+
+
+def _aupr(true_positives: np.ndarray, predicted: np.ndarray, positives: np.ndarray) -> np.ndarray:
+    """AUPR ``[4]`` from counts ``true_positives, predicted [K, 4]`` (ascending thresholds), ``positives [4]``."""
+    precision, recall = _precision_recall(true_positives, predicted, positives)
     return np.array([trapezoid_auc(recall[:, c], precision[:, c]) for c in range(precision.shape[1])])
 
 
@@ -276,6 +284,15 @@ class LesionMetricAccumulator:
             self._mae_sum += mae  # in image order, as the reference's float64 total
             self._image_mae.append(mae)
             self._image_counts.append(np.stack([true_positives[b, row], predicted[b, row], positives[b]]))
+
+    def pr_curve(self, grid: str = "fine") -> dict[str, np.ndarray]:
+        """``thresholds [K]``, ``precision [K, 4]``, ``recall [K, 4]`` of the dataset-level counts on the
+        ``fine`` (``linspace(0, 1, num_fine_thresholds)``) or ``reference`` (11 thresholds) grid: the points
+        the AUPR integrates."""
+        self._flush()
+        index = self._fine_index if grid == "fine" else self._coarse_index
+        precision, recall = _precision_recall(self._true_positives[index], self._predicted[index], self._positives)
+        return {"thresholds": np.linspace(0.0, 1.0, precision.shape[0]), "precision": precision, "recall": recall}
 
     def compute(self) -> dict[str, Any]:
         """The metrics over every image seen so far.
