@@ -6,7 +6,9 @@ Generates the dataset on first use (512x512 images, 48 train (5 held out for val
 trains a shallow W18 HRDecoder (one module and one block per stage, 32-channel 3x3 head, hr_scale 128 on
 256 crops) for 1500 steps of batch 4 (about 10 minutes on a 2-core CPU), then evaluates on the test
 split and prints the per-lesion table.
-Variants ``--config configs/synthetic.py:VARIANT``: hrdecoder (default), efficient, fcn_lr, fcn_hr.
+Variants ``--config configs/synthetic.py:VARIANT``: hrdecoder (default), efficient, fcn_lr, fcn_hr; the
+FCN baselines share HRDecoder's backbone and head and see half-resolution images (fcn_lr) or the
+full-resolution crops (fcn_hr).
 """
 from hrdecoder_jax import config_utils
 
@@ -34,8 +36,10 @@ def get_config(variant: str = "hrdecoder"):
         config.model = config_utils.model_config(kind="EfficientHRDecoder", visual_dim=32, compress=False,
                                                  hr_scale=(128, 128), **small, **slide)
     elif variant in ("fcn_lr", "fcn_hr"):
-        small_fcn = {k: v for k, v in small.items() if k not in ("channels", "kernel_size")}
-        config.model = config_utils.fcn_baseline_config(**small_fcn, **slide)
+        # The baselines keep HRDecoder's head (1x1 compress to 32, 3x3, classifier) so that the tiny-lesion
+        # study compares resolution strategies only; configs/idrid.py and ddr.py use the paper's FCN head.
+        config.model = config_utils.model_config(kind="FCN", **small, **slide)
+        config.model.hr_settings = None
         if variant == "fcn_lr":   # the network sees a half-resolution crop; test upsamples its logits
             config.data.img_scale = (256, 256)
             config.data.test_scale = (256, 256)

@@ -1,10 +1,11 @@
 """The paper's trade-off on data anyone can regenerate: FCN at low resolution, FCN at full resolution,
-HRDecoder and Efficient-HRDecoder, same backbone, same budget, on ``synthetic_fundus``.
+HRDecoder and Efficient-HRDecoder, same backbone, same head, same budget, on ``synthetic_fundus``.
 
   python -m hrdecoder_jax.experiments.tiny_lesion_study --out runs/study            # CPU default size
   python -m hrdecoder_jax.experiments.tiny_lesion_study --out runs/study --scale 4  # larger, for a GPU
 
-Each model is the matching variant of ``configs/synthetic.py`` (a shallow W18 HRNetV2, AdamW, batch 4):
+Each model is the matching variant of ``configs/synthetic.py`` (a shallow W18 HRNetV2, the 32-channel
+compress + 3x3 head, AdamW, batch 4):
 ``fcn_lr`` sees half-resolution images, ``fcn_hr`` full-resolution crops, ``hrdecoder``/``efficient`` the
 full-resolution crops through an LR input of half their size. Every model trains ``--steps`` steps and
 is evaluated on the full-resolution test images. Writes ``study.json``, ``study.md`` (per-lesion IoU and
@@ -69,7 +70,8 @@ def run_model(variant: str, config, out_dir: pathlib.Path) -> dict:
     result = train_and_evaluate(config, str(out_dir / variant))
     seconds = time.perf_counter() - t0
     test = result["test"]
-    cost = run_benchmark(config, what=("memory_train", "flops_infer"), repeats=1)
+    # Memory of the step as trained (the whole batch on one device), FLOPs per test window.
+    cost = run_benchmark(config, what=("memory_train", "flops_infer"), repeats=1, batch=config.global_batch_size)
     return {
         "model": LABELS[variant], "variant": variant,
         "IoU": [float(v) for v in test["IoU"]], "AUPR": [float(v) for v in test["AUPR"]],
@@ -77,7 +79,7 @@ def run_model(variant: str, config, out_dir: pathlib.Path) -> dict:
         "train_memory_bytes": cost.get("train_mem_peak_estimate_bytes"),
         "infer_flops": cost.get("infer_flops_per_image"),
         "train_images_per_s": result["train"].get("images_per_s"),
-        "train_seconds": seconds, "steps": config.total_steps,
+        "train_seconds": seconds, "steps": config.total_steps, "batch": config.global_batch_size,
         "train_image": list(config.data.crop_size),
     }
 
@@ -91,7 +93,8 @@ def write_report(rows: list[dict], out_dir: pathlib.Path) -> None:
     (out_dir / "study.json").write_text(json.dumps(rows, indent=2))
     lesions = ("EX", "HE", "SE", "MA")
     head = (["model"] + [f"IoU {x}" for x in lesions] + [f"AUPR {x}" for x in lesions]
-            + ["mIoU", "mAUPR", "train-step memory", "FLOPs / test window", "train img/s"])
+            + ["mIoU", "mAUPR", f"train-step memory (batch {rows[0]['batch']})", "FLOPs / test window",
+               "train img/s"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         mem = r["train_memory_bytes"]
@@ -111,7 +114,7 @@ def write_report(rows: list[dict], out_dir: pathlib.Path) -> None:
         ax.scatter([x], [100 * r["mIoU"]], s=60)
         ax.annotate(f"{r['model']} ({r['train_image'][0]} px)", (x, 100 * r["mIoU"]),
                     textcoords="offset points", xytext=(6, 4), fontsize=8)
-    ax.set_xlabel("train-step memory (MiB, XLA estimate)")
+    ax.set_xlabel(f"train-step memory, batch {rows[0]['batch']} (MiB, XLA estimate)")
     ax.set_ylabel("test mIoU (%)")
     ax.set_title("synthetic_fundus: accuracy vs memory")
     ax.grid(alpha=0.3)
@@ -120,7 +123,7 @@ def write_report(rows: list[dict], out_dir: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def run_study(out_dir: str, *, steps: int = 1500, scale: float = 1, models=MODELS, data_dir: str | None = None,
+def run_study(out_dir: str, *, steps: int = 1200, scale: float = 1, models=MODELS, data_dir: str | None = None,
               config_file: pathlib.Path = CONFIG) -> list[dict]:
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,7 +140,7 @@ def run_study(out_dir: str, *, steps: int = 1500, scale: float = 1, models=MODEL
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="output folder (one workdir per model, study.*)")
-    parser.add_argument("--steps", type=int, default=1500, help="training steps per model")
+    parser.add_argument("--steps", type=int, default=1200, help="training steps per model (1200: ~50 min on 2 CPU cores)")
     parser.add_argument("--scale", type=int, default=1, help="multiply every image size (GPU runs)")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
     parser.add_argument("--data_dir", default=None, help="tfds data_dir (default: the config's)")

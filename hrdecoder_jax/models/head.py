@@ -35,6 +35,7 @@ class FCNHead(nnx.Module):
             convs += [ConvModule(channels, channels, kernel_size, dtype=dtype, rngs=rngs)
                       for _ in range(num_convs - 1)]
         self.convs = nnx.List(convs)
+        self.compressed = bool(compress and num_convs > 0)
         self.conv_cat = (ConvModule(in_channels + channels, channels, kernel_size, dtype=dtype, rngs=rngs)
                          if concat_input else None)
         # mmseg uses Dropout2d: whole channels are dropped, hence broadcasting over H and W.
@@ -45,10 +46,35 @@ class FCNHead(nnx.Module):
                              kernel_init=_host_normal_init(lambda shape: 0.01), dtype=dtype, rngs=rngs)
         self.num_classes = num_classes
 
+    @property
+    def linear_stem(self) -> bool:
+        """True when the head starts with a bare linear map: the bias-free 1x1 ``compress`` conv, whose input
+        is not needed again (no ``conv_cat``). Such a map commutes with bilinear resampling (weights that sum
+        to 1), so ``head(resize(x)) == from_projected(resize(project(x)))``: crops and windows can be cut from
+        the narrow projected map (64 channels) instead of the concatenated features (720)."""
+        return bool(self.compressed and self.conv_cat is None)
+
+    def project(self, x: Array) -> Array:
+        """The linear stem (identity when there is none); see ``linear_stem``."""
+        return self.convs[0].conv(x) if self.linear_stem else x
+
+    def from_projected(self, p: Array) -> Array:
+        """The rest of the head after ``project``: ``head(x) == from_projected(project(x))``."""
+        if not self.linear_stem:
+            return self(p)
+        first = self.convs[0]
+        out = jax.nn.relu(first.bn(p))
+        for layer in self.convs[1:]:
+            out = layer(out)
+        return self._classify(out)
+
     def __call__(self, x: Array) -> Array:
         out = x
         for layer in self.convs:
             out = layer(out)
+        return self._classify(out, x)
+
+    def _classify(self, out: Array, x: Array | None = None) -> Array:
         if self.conv_cat is not None:
             out = self.conv_cat(jax.numpy.concatenate([x, out], axis=-1))
         if self.dropout is not None:

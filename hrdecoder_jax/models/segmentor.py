@@ -15,7 +15,9 @@ HRDecoder (``mmseg/models/segmentors/HRDecoder.py`` of the reference), for an im
    ``lr_loss_weight > 0``. ``total`` sums them, as mmseg's ``_parse_losses``.
 
 The head runs three times in training (LR, HR crops, windows), each with its own batch statistics, in that
-order, so the running statistics match the reference. The HR crop size and offsets are traced values:
+order, so the running statistics match the reference. Crops and windows are cut from the head's 1x1
+``compress`` projection of ``lr_feat`` rather than from ``lr_feat`` itself (``project``): the same numbers,
+since a bias-free 1x1 conv commutes with bilinear resizing, at ``channels``/``C`` of the memory. The HR crop size and offsets are traced values:
 every draw runs through one compiled function (see ``layers.crop_resize_bilinear``).
 """
 from __future__ import annotations
@@ -161,20 +163,31 @@ class HRDecoder(nnx.Module):
             feat = self.multiscale_compressor(feat)
         return feat
 
-    def _decode(self, feat: Array) -> Array:
-        logits = self.decode_head(feat)
+    def project(self, lr_feat: Array) -> Array:
+        """The head's linear stem applied once to ``lr_feat`` (identity when the head has none).
+
+        The reference resizes 720-channel feature crops and then applies the head, whose first layer is a
+        bias-free 1x1 conv; that conv commutes with bilinear resizing, so cutting the crops and windows from
+        the projected map is the same model with crops ``channels`` wide instead of 720 (11x less memory and
+        work on the HR paths of the IDRiD config). BN and ReLU still run on the resized maps."""
+        return self.decode_head.project(lr_feat)
+
+    def _decode(self, proj: Array) -> Array:
+        """Head on a projected map (from ``project``, possibly cropped and resized) -> float32 logits."""
+        logits = self.decode_head.from_projected(proj)
         return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
-    def window_logits(self, lr_feat: Array, image_size: Sequence[int]) -> tuple[Array, list[tuple]]:
-        """Decode every ``hr_scale`` window: ``[n_windows, B, hr_h, hr_w, K]`` logits and the boxes."""
+    def window_logits(self, proj: Array, image_size: Sequence[int]) -> tuple[Array, list[tuple]]:
+        """Decode every ``hr_scale`` window of the projected map ``proj = project(lr_feat)``:
+        ``[n_windows, B, hr_h, hr_w, K]`` logits and the boxes."""
         boxes = slide_windows(image_size, self.hr_scale, self.hr_scale)
         gh, gw = self.grid(image_size)
-        fsize = lr_feat.shape[1:3]
-        crops = [crop_resize_bilinear(lr_feat, jnp.array([y1 // gh, y2 // gh, x1 // gw, x2 // gw]), fsize)
+        fsize = proj.shape[1:3]
+        crops = [crop_resize_bilinear(proj, jnp.array([y1 // gh, y2 // gh, x1 // gw, x2 // gw]), fsize)
                  for (y1, y2, x1, x2) in boxes]
         logits = self._decode(jnp.concatenate(crops, axis=0))       # one head call, window-major
         logits = resize_bilinear(logits, self.hr_scale)
-        return logits.reshape(len(boxes), lr_feat.shape[0], *logits.shape[1:]), boxes
+        return logits.reshape(len(boxes), proj.shape[0], *logits.shape[1:]), boxes
 
     @staticmethod
     def fuse(up_lr_logit: Array, window_logits: Array, boxes: Sequence[tuple]) -> Array:
@@ -188,9 +201,9 @@ class HRDecoder(nnx.Module):
         """Everything ``encode_decode`` computes, for inspection: ``lr_logits`` (upsampled to the image),
         ``window_logits [n, B, hr_h, hr_w, K]``, ``window_boxes`` and the ``fused`` logits ``[B, H, W, K]``."""
         size = images.shape[1:3]
-        lr_feat = self.extract_lr_features(images)
-        up_lr = resize_bilinear(self._decode(lr_feat), size)
-        windows, boxes = self.window_logits(lr_feat, size)
+        proj = self.project(self.extract_lr_features(images))
+        up_lr = resize_bilinear(self._decode(proj), size)
+        windows, boxes = self.window_logits(proj, size)
         return {"lr_logits": up_lr, "window_logits": windows, "window_boxes": boxes,
                 "fused": self.fuse(up_lr, windows, boxes)}
 
@@ -218,14 +231,15 @@ class HRDecoder(nnx.Module):
         offsets = jnp.minimum(jnp.floor(u * n_off).astype(jnp.int32), n_off - 1) * d
         return jnp.stack([offsets[:, 0], offsets[:, 0] + size[0], offsets[:, 1], offsets[:, 1] + size[1]], -1)
 
-    def hr_crop_loss(self, lr_feat: Array, labels: Array, crop_boxes: Array) -> Array:
-        """Dice loss of the head on ``crop_num`` feature crops against their label crops (unweighted)."""
+    def hr_crop_loss(self, proj: Array, labels: Array, crop_boxes: Array) -> Array:
+        """Dice loss of the head on ``crop_num`` crops of the projected map ``proj = project(lr_feat)``
+        against their label crops (unweighted)."""
         image_size = labels.shape[1:3]
         gh, gw = self.grid(image_size)
         crop_boxes = jnp.asarray(crop_boxes, jnp.int32)
         feat_boxes = crop_boxes // jnp.array([gh, gh, gw, gw], jnp.int32)
-        fsize = lr_feat.shape[1:3]
-        hr_feats = jax.vmap(lambda b: crop_resize_bilinear(lr_feat, b, fsize))(feat_boxes)   # [M, B, ...]
+        fsize = proj.shape[1:3]
+        hr_feats = jax.vmap(lambda b: crop_resize_bilinear(proj, b, fsize))(feat_boxes)      # [M, B, ...]
         hr_feats = hr_feats.reshape(-1, *hr_feats.shape[2:])                              # crop-major
         hr_logits = self._decode(hr_feats)
         crop_size = jnp.stack([crop_boxes[0, 1] - crop_boxes[0, 0], crop_boxes[0, 3] - crop_boxes[0, 2]])
@@ -255,15 +269,15 @@ class HRDecoder(nnx.Module):
             if key is None:
                 raise ValueError("train_losses needs crop_boxes or a PRNG key to draw them")
             crop_boxes = self.sample_crop_boxes(key, size)
-        lr_feat = self.extract_lr_features(images)
-        lr_logit = self._decode(lr_feat)                                  # head call 1
+        proj = self.project(self.extract_lr_features(images))
+        lr_logit = self._decode(proj)                                     # head call 1
         losses = {}
         if self.lr_loss_weight > 0:
             losses["lr"] = self.lr_loss_weight * dice_loss(resize_bilinear(lr_logit, size), labels,
                                                            smooth=self.smooth)
-        losses["hr"] = self.hr_loss_weight * self.hr_crop_loss(lr_feat, labels, crop_boxes)   # head call 2
+        losses["hr"] = self.hr_loss_weight * self.hr_crop_loss(proj, labels, crop_boxes)   # head call 2
         up_lr = resize_bilinear(lr_logit, size)
-        windows, boxes = self.window_logits(lr_feat, size)                # head call 3
+        windows, boxes = self.window_logits(proj, size)                   # head call 3
         losses["fuse"] = dice_loss(self.fuse(up_lr, windows, boxes), labels, smooth=self.smooth)
         losses["total"] = sum(losses.values())
         return losses
