@@ -11,6 +11,9 @@ def test_study_config_keeps_the_budget_equal():
     assert {c.model.backbone.extra.stage4.num_channels for c in configs.values()} == {(18, 36, 72, 144)}
     assert configs["fcn_lr"].data.crop_size == (128, 128) and configs["fcn_hr"].data.crop_size == (256, 256)
     assert configs["hrdecoder"].model.hr_settings.hr_scale == (128, 128)
+    # the FCN baselines use HRDecoder's head, so only the resolution strategy differs
+    heads = [configs[v].model.decode_head.to_dict() for v in ("fcn_lr", "fcn_hr", "hrdecoder")]
+    assert heads[0] == heads[1] == heads[2] and heads[0]["compress"] and heads[0]["channels"] == 32
     big = study_config("hrdecoder", steps=7, scale=4)
     assert big.data.crop_size == (1024, 1024) and big.model.hr_settings.hr_scale == (512, 512)
 

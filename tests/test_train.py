@@ -138,7 +138,9 @@ def test_two_process_launch_agrees(tmp_path):
            "--devices_per_process", "2", "--", f"--config={cfg_file}", f"--workdir={tmp_path / 'multi'}",
            *overrides]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # On failure show the error lines first (a crashing process's module list fills the tail).
+    errors = [ln for ln in result.stderr.splitlines() if "rror" in ln or "Check failed" in ln or "imeout" in ln]
+    assert result.returncode == 0, "\n".join(errors[-30:]) + "\n...\n" + result.stderr[-2000:]
     p0 = read_losses(tmp_path / "multi" / "metrics.jsonl")
     p1 = read_losses(tmp_path / "multi" / "metrics.process1.jsonl")
     ref = read_losses(single / "metrics.jsonl")
