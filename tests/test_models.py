@@ -206,7 +206,6 @@ def test_traced_crop_resize_equals_static_crop_then_resize():
     assert up._cache_size() == 1
 
 
-
 def test_head_on_resized_crops_equals_head_after_projection():
     """The HR paths crop the head's 1x1 projection instead of the 720-channel features: in train mode (batch
     statistics) and in eval mode, head(crop_resize(x)) == from_projected(crop_resize(project(x))), and the
@@ -226,6 +225,7 @@ def test_head_on_resized_crops_equals_head_after_projection():
     plain = FCNHead(in_channels=40, channels=8, kernel_size=3, num_convs=1, compress=True, concat_input=True,
                     dropout_ratio=-1, rngs=nnx.Rngs(0))
     assert not plain.linear_stem and plain.project(x) is x   # conv_cat needs the raw input: no shortcut
+
 
 def test_idrid_crop_draws_fit_the_canvas():
     """All 60 IDRiD crop sizes (720..1192) with their offsets stay inside the image and the fixed canvas."""

@@ -35,9 +35,13 @@ class FCNHead(nnx.Module):
             convs += [ConvModule(channels, channels, kernel_size, dtype=dtype, rngs=rngs)
                       for _ in range(num_convs - 1)]
         self.convs = nnx.List(convs)
-        self.compressed = bool(compress and num_convs > 0)
         self.conv_cat = (ConvModule(in_channels + channels, channels, kernel_size, dtype=dtype, rngs=rngs)
                          if concat_input else None)
+        # The head starts with a bare linear map when its first layer is the bias-free 1x1 ``compress`` conv
+        # and its input is not needed again (no ``conv_cat``). That map commutes with bilinear resampling
+        # (weights that sum to 1), so ``head(resize(x)) == from_projected(resize(project(x)))``: crops and
+        # windows can be cut from the narrow projected map (64 channels) instead of the features (720).
+        self.linear_stem = bool(compress and num_convs > 0 and not concat_input)
         # mmseg uses Dropout2d: whole channels are dropped, hence broadcasting over H and W.
         self.dropout = (nnx.Dropout(dropout_ratio, broadcast_dims=(1, 2), rngs=rngs)
                         if dropout_ratio > 0 else None)
@@ -45,14 +49,6 @@ class FCNHead(nnx.Module):
         self.conv_seg = conv(channels, num_classes, 1, use_bias=True,
                              kernel_init=_host_normal_init(lambda shape: 0.01), dtype=dtype, rngs=rngs)
         self.num_classes = num_classes
-
-    @property
-    def linear_stem(self) -> bool:
-        """True when the head starts with a bare linear map: the bias-free 1x1 ``compress`` conv, whose input
-        is not needed again (no ``conv_cat``). Such a map commutes with bilinear resampling (weights that sum
-        to 1), so ``head(resize(x)) == from_projected(resize(project(x)))``: crops and windows can be cut from
-        the narrow projected map (64 channels) instead of the concatenated features (720)."""
-        return bool(self.compressed and self.conv_cat is None)
 
     def project(self, x: Array) -> Array:
         """The linear stem (identity when there is none); see ``linear_stem``."""
@@ -62,8 +58,7 @@ class FCNHead(nnx.Module):
         """The rest of the head after ``project``: ``head(x) == from_projected(project(x))``."""
         if not self.linear_stem:
             return self(p)
-        first = self.convs[0]
-        out = jax.nn.relu(first.bn(p))
+        out = self.convs[0].after_conv(p)
         for layer in self.convs[1:]:
             out = layer(out)
         return self._classify(out)

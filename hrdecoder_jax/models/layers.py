@@ -97,7 +97,11 @@ class ConvModule(nnx.Module):
         self.act = act
 
     def __call__(self, x: Array) -> Array:
-        x = self.bn(self.conv(x))
+        return self.after_conv(self.conv(x))
+
+    def after_conv(self, x: Array) -> Array:
+        """BN (and ReLU) of an already convolved ``x``."""
+        x = self.bn(x)
         return jax.nn.relu(x) if self.act else x
 
 

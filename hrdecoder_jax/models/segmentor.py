@@ -17,8 +17,9 @@ HRDecoder (``mmseg/models/segmentors/HRDecoder.py`` of the reference), for an im
 The head runs three times in training (LR, HR crops, windows), each with its own batch statistics, in that
 order, so the running statistics match the reference. Crops and windows are cut from the head's 1x1
 ``compress`` projection of ``lr_feat`` rather than from ``lr_feat`` itself (``project``): the same numbers,
-since a bias-free 1x1 conv commutes with bilinear resizing, at ``channels``/``C`` of the memory. The HR crop size and offsets are traced values:
-every draw runs through one compiled function (see ``layers.crop_resize_bilinear``).
+since a bias-free 1x1 conv commutes with bilinear resizing, at ``channels``/``C`` of the memory. The HR
+crop size and offsets are traced values: every draw runs through one compiled function (see
+``layers.crop_resize_bilinear``).
 """
 from __future__ import annotations
 
