@@ -44,20 +44,7 @@ def _abstract(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def use_distributed_barriers() -> None:
-    """Make Orbax's barriers wait in the jax.distributed coordination service (timeout 300 s) instead of
-    running a device collective. On CPU hosts those collectives are gloo ops that give up after about 30 s,
-    and processes on a busy host can reach a checkpoint barrier further apart than that. No-op for one
-    process, or when absl flags are not parsed (a plain script)."""
-    if jax.process_count() == 1:
-        return
-    from absl import flags
-    if flags.FLAGS.is_parsed() and "experimental_orbax_use_distributed_barrier" in flags.FLAGS:
-        flags.FLAGS.experimental_orbax_use_distributed_barrier = True
-
-
 def _manager(directory: str, max_to_keep: int, async_save: bool = True) -> ocp.CheckpointManager:
-    use_distributed_barriers()
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                            enable_async_checkpointing=async_save)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
@@ -163,7 +150,6 @@ def restore_model(path: str, model: nnx.Module, which: str | int = "latest") -> 
     """
     directory, step = find_checkpoint(path, which)
     target = model_state(model)
-    use_distributed_barriers()
     mgr = ocp.CheckpointManager(directory)
     try:
         restored = mgr.restore(step, args=ocp.args.Composite(

@@ -437,8 +437,7 @@ def main(argv=None) -> None:
             jax.distributed.initialize()   # coordinator, process count and id from the SLURM environment
         if jax.process_count() > 1:
             # Set up the collectives while every process stands right behind initialize(): the CPU (gloo)
-            # context waits only 30 s for peers, and later barriers can come minutes apart on a busy host
-            # (Orbax's barriers therefore use the coordination service: checkpoint.use_distributed_barriers).
+            # context waits only 30 s for peers, and later barriers can come minutes apart on a busy host.
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices("hrdecoder_jax.train:start")
         logging.info("JAX %s, process %d of %d, local devices %s", jax.__version__, jax.process_index(),
