@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -175,12 +176,12 @@ def _format_eta(seconds: float) -> str:
 
 
 def _check_workdir(workdir: str) -> None:
+    """Fail at once, in one line, when ``workdir`` cannot be written. Every process of a multi-process run
+    probes with a file of its own: a shared name let one process delete another's probe mid-check."""
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test.", delete=True) as f:
+            f.write(b"ok")
     except OSError as e:
         raise SystemExit(f"workdir {workdir} is not writable ({e.strerror}); choose another --workdir") from None
 

@@ -4,13 +4,14 @@
   python launch/local_multiprocess.py --num_processes 2 --devices_per_process 2 -- \
       --config configs/tiny.py --workdir runs/multi
 
-Everything after ``--`` goes to ``python -m hrdecoder_jax.train``. Exits with the first non-zero status.
+Everything after ``--`` goes to ``python -m hrdecoder_jax.train``. Exits with the first non-zero status, stopping the other processes then.
 """
 import argparse
 import os
 import socket
 import subprocess
 import sys
+import time
 
 
 def free_port() -> int:
@@ -35,9 +36,25 @@ def main(argv=None) -> int:
                f"--coordinator_address={address}", f"--num_processes={args.num_processes}",
                f"--process_id={i}", f"--num_cpu_devices={args.devices_per_process}"]
         procs.append(subprocess.Popen(cmd, env=env))
-    codes = [p.wait() for p in procs]
-    bad = [c for c in codes if c != 0]
-    return bad[0] if bad else 0
+    # A process that fails leaves its peers waiting in a collective until jax.distributed's timeouts
+    # (minutes): stop them as soon as one exits with an error, as a cluster scheduler would.
+    while True:
+        codes = [p.poll() for p in procs]
+        bad = [c for c in codes if c not in (None, 0)]
+        if bad:
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            for p in procs:
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+            print(f"local_multiprocess: a process exited with {bad[0]}; stopped the others", file=sys.stderr)
+            return bad[0]
+        if all(c == 0 for c in codes):
+            return 0
+        time.sleep(0.5)
 
 
 if __name__ == "__main__":
