@@ -11,7 +11,6 @@ Variants, ``--config configs/ddr.py:VARIANT``:
 Reported by the authors (released weights): mIoU 32.24, mAUPR 49.24.
 """
 from hrdecoder_jax import config_utils
-from hrdecoder_jax.data.pipeline import ddr_data_config
 
 
 def get_config(variant: str = "hrdecoder"):
@@ -19,7 +18,7 @@ def get_config(variant: str = "hrdecoder"):
     config.seed = 14 if variant == "hrdecoder" else 2
     config.total_steps = 40000
     config.eval_every = 4000
-    config.data = ddr_data_config()
+    config.data = config_utils.ddr_data_config()
     whole = dict(test_mode="whole", test_crop_size=(2048, 2048), test_stride=(1024, 1024))
     if variant == "hrdecoder":
         config.model = config_utils.model_config(hr_scale=(1024, 1024), crop_num=4, **whole)

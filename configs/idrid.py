@@ -11,7 +11,6 @@ Variants, ``--config configs/idrid.py:VARIANT``:
 Reported by the authors (released weights): mIoU 52.20, mAUPR 71.34.
 """
 from hrdecoder_jax import config_utils
-from hrdecoder_jax.data.pipeline import default_data_config
 
 
 def get_config(variant: str = "hrdecoder"):
@@ -19,7 +18,7 @@ def get_config(variant: str = "hrdecoder"):
     config.seed = 2
     config.total_steps = 20000
     config.eval_every = 2000
-    config.data = default_data_config()
+    config.data = config_utils.default_data_config()
     if variant == "hrdecoder":
         config.model = config_utils.model_config()
     elif variant == "efficient":

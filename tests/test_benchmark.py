@@ -115,3 +115,27 @@ def test_with_width():
     config_utils.validate_model_config(m)
     eff = benchmark.with_width(_config("configs/ddr.py:efficient").model, 18)
     assert eff.decode_head.in_channels == 256   # the compressor's visual_dim, not the backbone width
+
+
+def test_configs_and_benchmark_need_no_tensorflow():
+    """GPU images and notebooks often lack TensorFlow: the configs, the model and the benchmark's
+    model measurements import without it (only the data pipeline and ``--what input`` need it)."""
+    import subprocess
+    import sys
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets'):\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from hrdecoder_jax import benchmark\n"
+        f"for spec in {CONFIG_SPECS!r}:\n"
+        f"    benchmark.load_config({str(REPO)!r} + '/' + spec)\n"
+        f"res = benchmark.main(['--config', {str(REPO / 'configs' / 'tiny.py')!r}, '--what', 'flops_infer'])\n"
+        "assert res['infer_flops_per_image'] > 0\n"
+        "assert not any(m.split('.')[0] in ('tensorflow', 'tensorflow_datasets') for m in sys.modules)\n"
+        "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")

@@ -53,6 +53,9 @@ except RuntimeError:  # devices already initialised by an earlier TF call
     pass
 
 from hrdecoder_jax.data import ops  # noqa: E402
+# The data settings are plain config (no TensorFlow): they live in config_utils, re-exported here.
+from hrdecoder_jax.config_utils import (DDR_MEAN, DDR_STD, IDRID_MEAN, IDRID_STD,  # noqa: E402,F401
+                                        ddr_data_config, default_data_config)
 
 # Constants folded into the user seed so the epoch permutations and the augmentations draw from
 # unrelated streams even for the same (seed, counter).
@@ -60,79 +63,12 @@ _SALT_EPOCH = 0x0E90C
 _SALT_AUG = 0xA06
 _SALT_TRAIN_KEY = 0x5EED
 
-IDRID_MEAN = (116.513, 56.437, 16.309)
-IDRID_STD = (80.206, 41.232, 13.293)
-DDR_MEAN = (81.205, 50.636, 21.216)
-DDR_STD = (76.252, 48.798, 21.625)
-
 _LABEL_MODES = ("overwrite", "multilabel")
 
 
 # ---------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-    """Data config of the IDRiD paper config (``hrdecoder_fcn_hr48_idrid_2880x1920-slide``).
-
-    Fields:
-      name, data_dir, manual_dir: tfds dataset name and directories (used by the caller).
-      img_scale: (W, H) base scale of the training Resize.
-      ratio_range: (lo, hi) of the resize ratio r ~ U[lo, hi); None for r = 1.
-      crop_size: (H, W) of RandomCrop and Pad.
-      cat_max_ratio: RandomCrop's max share of one class (>= 1 disables the re-draws).
-      flip_prob, rotate_prob, rotate_degree: RandomFlip / RandomRotate (degree d -> U(-d, d), or a
-        (lo, hi) pair).
-      mean, std: normalisation in RGB order.
-      quantize_uint8: round the image to the uint8 grid after resize and rotation, as cv2 does on
-        the reference's uint8 images.
-      test_scale: (W, H) of the test Resize (keep_ratio=False).
-      label_mode: "overwrite" (int32 label 0..4, MA > SE > HE > EX) or "multilabel" (uint8 masks).
-      val_fraction, val_count, val_seed: held-out validation split of the training split
-        (val_count, if set, wins over val_fraction).
-      validate_on: "val" (held-out split) or "test" (the reference: select checkpoints on test).
-      cache: True / "memory" (in-memory cache), or a directory path (one file per example).
-      num_parallel_calls: parallelism of the per-example maps (-1 = AUTOTUNE).
-      prefetch: batches to prefetch (-1 = AUTOTUNE).
-    """
-    cfg = ml_collections.ConfigDict()
-    cfg.name = "idrid"
-    cfg.data_dir = ""
-    cfg.manual_dir = ml_collections.FieldReference(None, field_type=str)
-    cfg.img_scale = (2880, 1920)
-    cfg.ratio_range = (0.5, 2.0)
-    cfg.crop_size = (1920, 1920)
-    cfg.cat_max_ratio = 0.75
-    cfg.flip_prob = 0.5
-    cfg.rotate_prob = 1.0
-    cfg.rotate_degree = ml_collections.FieldReference(45.0, field_type=object)  # d or (lo, hi)
-    cfg.mean = IDRID_MEAN
-    cfg.std = IDRID_STD
-    cfg.quantize_uint8 = True
-    cfg.test_scale = (2880, 1920)
-    cfg.label_mode = "overwrite"
-    cfg.val_fraction = 0.1
-    cfg.val_count = ml_collections.FieldReference(None, field_type=int)
-    cfg.val_seed = 0
-    cfg.validate_on = "val"
-    # bool or str: a FieldReference of type object lets a command-line override switch kinds.
-    cfg.cache = ml_collections.FieldReference(True, field_type=object)
-    cfg.num_parallel_calls = -1
-    cfg.prefetch = 2
-    return cfg
-
-
-def ddr_data_config() -> ml_collections.ConfigDict:
-    """Data config of the DDR paper config (2048x2048 scales and crop, DDR statistics)."""
-    cfg = default_data_config()
-    cfg.name = "ddr"
-    cfg.img_scale = (2048, 2048)
-    cfg.crop_size = (2048, 2048)
-    cfg.test_scale = (2048, 2048)
-    cfg.mean = DDR_MEAN
-    cfg.std = DDR_STD
-    return cfg
 
 
 def _check_label_mode(cfg) -> str:
