@@ -280,7 +280,8 @@ def run_benchmark(config: ml_collections.ConfigDict, what: Sequence[str] = DEFAU
         _log(f"WARNING: these sizes do not validate ({e}); measuring anyway")
     res: dict[str, Any] = {
         "config": config_name, "device_kind": dev.device_kind, "platform": dev.platform,
-        "jax_version": jax.__version__, "model_type": model_cfg.type,
+        "jax_version": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "model_type": model_cfg.type,
         "width": int(model_cfg.backbone.extra.stage2.num_channels[0]),
         "hr_scale": list(model_cfg.hr_settings.hr_scale) if model_cfg.get("hr_settings") else None,
         "batch": int(batch), "train_image_size": list(train_size), "infer_image_size": list(infer_size),

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU rows of the README's Results: train-step speed and memory of the IDRiD W48 configs (HRDecoder
+# in float32 and bfloat16, Efficient-HRDecoder, FCN-LR, FCN-HR) and the eval forward, one process per row
+# so each row's device peak is its own. Each finished row is appended as one JSON line to
+# OUT_DIR/results.jsonl and its full output to OUT_DIR/log.txt; a row that runs past ROW_TIMEOUT seconds
+# is stopped and the next one starts.
+#
+#   bash launch/gpu_benchmark.sh OUT_DIR [ROW_TIMEOUT] [ROWS]
+#
+# ROWS: b1 (default: batch 1, the per-GPU batch of the paper's 4-GPU runs) or b4 (the paper's global batch
+# 4 on one GPU: HRDecoder float32/bfloat16, FCN-LR, FCN-HR).
+set -u
+out=${1:?usage: gpu_benchmark.sh OUT_DIR [ROW_TIMEOUT] [b1|b4]}
+row_timeout=${2:-150}
+rows=${3:-b1}
+mkdir -p "$out"
+tmp=$(mktemp -d)
+export XLA_PYTHON_CLIENT_PREALLOCATE=false   # the device peak is then what the step itself holds
+python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+
+row() {  # name, then benchmark arguments
+  local name=$1; shift
+  echo "== $name: $*"
+  timeout "$row_timeout" python3 -m hrdecoder_jax.benchmark "$@" --json "$tmp/$name.json" >"$tmp/$name.txt" 2>"$tmp/$name.err"
+  local rc=$?
+  { echo "== $name: $* (rc $rc)"; cat "$tmp/$name.txt" "$tmp/$name.err"; } >>"$out/log.txt"
+  if [ $rc -eq 0 ]; then
+    grep -E "compile_s|median|images_per_s|peak" "$tmp/$name.txt"
+    { cat "$tmp/$name.json"; echo; } >>"$out/results.jsonl"
+  else
+    echo "rc $rc"; tail -5 "$tmp/$name.err"
+  fi
+  return $rc
+}
+
+# A seconds-long smoke row first: a broken environment stops here instead of in every row.
+row tiny        --config configs/tiny.py --what train --repeats 2 || exit 1
+if [ "$rows" = b4 ]; then
+  row idrid_f32_b4   --config configs/idrid.py --what train,memory_train --repeats 5 --batch 4
+  row idrid_bf16_b4  --config configs/idrid.py --what train,memory_train --repeats 5 --batch 4 --config.model.dtype=bfloat16
+  row idrid_fcnlr_b4 --config configs/idrid.py:fcn_lr --what train,memory_train --repeats 5 --batch 4
+  row idrid_fcnhr_b4 --config configs/idrid.py:fcn_hr --what train,memory_train --repeats 5 --batch 4
+  exit 0
+fi
+row idrid_f32   --config configs/idrid.py --what train,memory_train --repeats 5
+row idrid_bf16  --config configs/idrid.py --what train,memory_train --repeats 5 --config.model.dtype=bfloat16
+row idrid_fcnlr --config configs/idrid.py:fcn_lr --what train,memory_train --repeats 5
+row idrid_fcnhr --config configs/idrid.py:fcn_hr --what train,memory_train --repeats 5
+row idrid_eff   --config configs/idrid.py:efficient --what train,memory_train --repeats 5
+row idrid_infer --config configs/idrid.py --what infer,memory_infer --repeats 5
