@@ -150,6 +150,30 @@ def test_two_process_launch_agrees(tmp_path):
         assert p0[step] == pytest.approx(ref[step], rel=1e-5), step
 
 
+def test_workdir_check_is_safe_when_processes_share_the_workdir(tmp_path):
+    """Every process of a multi-process run checks the same workdir at the same moment; with one shared
+    probe file one process could delete another's probe and exit (a CI failure of the 2-process test).
+    Four threads x 300 checks: the shared-name version failed dozens of times here."""
+    import threading
+    from hrdecoder_jax.train import _check_workdir
+    errors = []
+
+    def work():
+        for _ in range(300):
+            try:
+                _check_workdir(str(tmp_path))
+            except SystemExit as e:
+                errors.append(str(e))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert os.listdir(tmp_path) == []                      # no probe left behind
+
+
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     config = shrunk_synthetic_config(tmp_path / "data", total_steps=4)
     config.eval_every = 0
