@@ -5,29 +5,33 @@
 # OUT_DIR/results.jsonl and its full output to OUT_DIR/log.txt; a row that runs past ROW_TIMEOUT seconds
 # is stopped and the next one starts.
 #
-#   bash launch/gpu_benchmark.sh OUT_DIR [ROW_TIMEOUT] [ROWS]
+#   bash launch/gpu_benchmark.sh OUT_DIR [ROW_TIMEOUT] [ROWS]      (PYTHON=... picks the interpreter)
 #
-# ROWS: b1 (default: batch 1, the per-GPU batch of the paper's 4-GPU runs) or b4 (the paper's global batch
-# 4 on one GPU: HRDecoder float32/bfloat16, FCN-LR, FCN-HR).
+# ROWS: b1 (default: batch 1, the per-GPU batch of the paper's 4-GPU runs), b4 (the paper's global batch
+# 4 on one GPU: HRDecoder float32/bfloat16, FCN-LR, FCN-HR) or smoke (the tiny row alone; any machine).
 set -u
-out=${1:?usage: gpu_benchmark.sh OUT_DIR [ROW_TIMEOUT] [b1|b4]}
+out=${1:?usage: gpu_benchmark.sh OUT_DIR [ROW_TIMEOUT] [b1|b4|smoke]}
 row_timeout=${2:-150}
 rows=${3:-b1}
 mkdir -p "$out"
 tmp=$(mktemp -d)
-export XLA_PYTHON_CLIENT_PREALLOCATE=false   # the device peak is then what the step itself holds
-python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+trap 'rm -rf "$tmp"' EXIT
+# No up-front grab of 75% of the card: the allocator's peak is then what this process used (compile-time
+# autotuning included, see docs/benchmark.md).
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+"${PYTHON:-python3}" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 
 row() {  # name, then benchmark arguments
   local name=$1; shift
   echo "== $name: $*"
-  timeout "$row_timeout" python3 -m hrdecoder_jax.benchmark "$@" --json "$tmp/$name.json" >"$tmp/$name.txt" 2>"$tmp/$name.err"
+  timeout "$row_timeout" "${PYTHON:-python3}" -m hrdecoder_jax.benchmark "$@" --json "$tmp/$name.json" >"$tmp/$name.txt" 2>"$tmp/$name.err"
   local rc=$?
   { echo "== $name: $* (rc $rc)"; cat "$tmp/$name.txt" "$tmp/$name.err"; } >>"$out/log.txt"
   if [ $rc -eq 0 ]; then
     grep -E "compile_s|median|images_per_s|peak" "$tmp/$name.txt"
-    { cat "$tmp/$name.json"; echo; } >>"$out/results.jsonl"
+    "${PYTHON:-python3}" -c "import json, sys; print(json.dumps(json.load(open(sys.argv[1]))))" \
+      "$tmp/$name.json" >>"$out/results.jsonl"
   else
     echo "rc $rc"; tail -5 "$tmp/$name.err"
   fi
@@ -36,6 +40,7 @@ row() {  # name, then benchmark arguments
 
 # A seconds-long smoke row first: a broken environment stops here instead of in every row.
 row tiny        --config configs/tiny.py --what train --repeats 2 || exit 1
+[ "$rows" = smoke ] && exit 0
 if [ "$rows" = b4 ]; then
   row idrid_f32_b4   --config configs/idrid.py --what train,memory_train --repeats 5 --batch 4
   row idrid_bf16_b4  --config configs/idrid.py --what train,memory_train --repeats 5 --batch 4 --config.model.dtype=bfloat16

@@ -139,3 +139,21 @@ def test_configs_and_benchmark_need_no_tensorflow():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_gpu_benchmark_script_smoke_row(tmp_path):
+    """launch/gpu_benchmark.sh (the README's GPU rows) runs its smoke row on any machine and appends one
+    JSON line per finished row."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHON=sys.executable)
+    result = subprocess.run(["bash", str(REPO / "launch" / "gpu_benchmark.sh"), str(tmp_path), "280", "smoke"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["config"].endswith("configs/tiny.py") and row["params"] == 1_527_520
+    assert row["train_compile_count"] == 1 and row["train_step_median_s"] > 0
+    assert "== tiny" in (tmp_path / "log.txt").read_text()
