@@ -43,7 +43,6 @@ import logging
 import os
 from typing import Iterator
 
-import ml_collections
 import numpy as np
 import tensorflow as tf
 
@@ -67,7 +66,7 @@ _LABEL_MODES = ("overwrite", "multilabel")
 
 
 # ---------------------------------------------------------------------------------------------
-# Config
+# Config checks (the settings themselves: config_utils.default_data_config)
 # ---------------------------------------------------------------------------------------------
 
 
