@@ -11,7 +11,7 @@ slide window ``model.test_cfg.crop_size`` in slide mode or ``data.test_scale`` i
   infer    one jitted eval forward on ``[1, H, W, 3]``: compile time, median/min seconds, images/s
   memory   XLA's compiled memory analysis of the train step and of the forward (temp, arguments, outputs,
            aliased/donated; peak estimate = temp + arguments + outputs - aliased), and the device's live peak
-           (``memory_stats()['peak_bytes_in_use']``; None on a CPU)
+           (``memory_stats()['peak_bytes_in_use']``, compile-time autotuning scratch included; None on a CPU)
   flops    XLA cost-analysis FLOPs per image of the forward and of the train step
   input    the input pipeline's samples/s at the config's crop size next to the train step's demand
            (synthetic images at the config's ``data.img_scale`` when the dataset is IDRiD or DDR)
