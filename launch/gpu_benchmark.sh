@@ -41,16 +41,20 @@ row() {  # name, then benchmark arguments
 # A seconds-long smoke row first: a broken environment stops here instead of in every row.
 row tiny        --config configs/tiny.py --what train --repeats 2 || exit 1
 [ "$rows" = smoke ] && exit 0
+train_row() {  # name, config, extra benchmark arguments: the train step's time and memory plan
+  local name=$1 config=$2; shift 2
+  row "$name" --config "$config" --what train,memory_train --repeats 5 "$@"
+}
 if [ "$rows" = b4 ]; then
-  row idrid_f32_b4   --config configs/idrid.py --what train,memory_train --repeats 5 --batch 4
-  row idrid_bf16_b4  --config configs/idrid.py --what train,memory_train --repeats 5 --batch 4 --config.model.dtype=bfloat16
-  row idrid_fcnlr_b4 --config configs/idrid.py:fcn_lr --what train,memory_train --repeats 5 --batch 4
-  row idrid_fcnhr_b4 --config configs/idrid.py:fcn_hr --what train,memory_train --repeats 5 --batch 4
+  train_row idrid_f32_b4   configs/idrid.py --batch 4
+  train_row idrid_bf16_b4  configs/idrid.py --batch 4 --config.model.dtype=bfloat16
+  train_row idrid_fcnlr_b4 configs/idrid.py:fcn_lr --batch 4
+  train_row idrid_fcnhr_b4 configs/idrid.py:fcn_hr --batch 4
   exit 0
 fi
-row idrid_f32   --config configs/idrid.py --what train,memory_train --repeats 5
-row idrid_bf16  --config configs/idrid.py --what train,memory_train --repeats 5 --config.model.dtype=bfloat16
-row idrid_fcnlr --config configs/idrid.py:fcn_lr --what train,memory_train --repeats 5
-row idrid_fcnhr --config configs/idrid.py:fcn_hr --what train,memory_train --repeats 5
-row idrid_eff   --config configs/idrid.py:efficient --what train,memory_train --repeats 5
+train_row idrid_f32   configs/idrid.py
+train_row idrid_bf16  configs/idrid.py --config.model.dtype=bfloat16
+train_row idrid_fcnlr configs/idrid.py:fcn_lr
+train_row idrid_fcnhr configs/idrid.py:fcn_hr
+train_row idrid_eff   configs/idrid.py:efficient
 row idrid_infer --config configs/idrid.py --what infer,memory_infer --repeats 5

@@ -4,7 +4,8 @@
   python launch/local_multiprocess.py --num_processes 2 --devices_per_process 2 -- \
       --config configs/tiny.py --workdir runs/multi
 
-Everything after ``--`` goes to ``python -m hrdecoder_jax.train``. Exits with the first non-zero status, stopping the other processes then.
+Everything after ``--`` goes to ``python -m hrdecoder_jax.train``. Exits with the first non-zero status;
+the other processes are stopped then.
 """
 import argparse
 import os

@@ -1,6 +1,9 @@
 """The benchmark: a cheap run on the tiny config, the CLI, and every config's model built abstractly."""
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -120,8 +123,6 @@ def test_with_width():
 def test_configs_and_benchmark_need_no_tensorflow():
     """GPU images and notebooks often lack TensorFlow: the configs, the model and the benchmark's
     model measurements import without it (only the data pipeline and ``--what input`` need it)."""
-    import subprocess
-    import sys
     code = (
         "import sys\n"
         "class Block:\n"
@@ -144,9 +145,6 @@ def test_configs_and_benchmark_need_no_tensorflow():
 def test_gpu_benchmark_script_smoke_row(tmp_path):
     """launch/gpu_benchmark.sh (the README's GPU rows) runs its smoke row on any machine and appends one
     JSON line per finished row."""
-    import os
-    import subprocess
-    import sys
     env = dict(os.environ, PYTHON=sys.executable)
     result = subprocess.run(["bash", str(REPO / "launch" / "gpu_benchmark.sh"), str(tmp_path), "280", "smoke"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
