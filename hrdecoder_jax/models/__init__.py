@@ -6,7 +6,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
+
+from hrdecoder_jax.config_utils import ConfigError
 
 from hrdecoder_jax.models.hrnet import HRNet
 from hrdecoder_jax.models.head import FCNHead
@@ -26,12 +30,16 @@ def build_model(model_config: Mapping[str, Any], *, rngs: nnx.Rngs) -> nnx.Modul
         raise ValueError(f"model.type must be one of {sorted(SEGMENTORS)}, got {kind!r}")
     if kind == "EfficientHRDecoder" and not model_config["hr_settings"].get("visual_dim"):
         raise ValueError("model.hr_settings.visual_dim must be set for model.type='EfficientHRDecoder'")
+    dtype = model_config.get("dtype", "float32") or "float32"
+    if jnp.dtype(dtype) == jnp.float64 and not jax.config.read("jax_enable_x64"):
+        # Without 64-bit mode JAX silently makes every float64 array float32.
+        raise ConfigError("model.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 in the environment "
+                          "(or jax.config.update('jax_enable_x64', True) before building the model)")
     return SEGMENTORS[kind](model_config, rngs=rngs)
 
 
 def count_params(model: nnx.Module) -> int:
     """Number of learnable parameters (BN running statistics excluded, as in PyTorch's parameters())."""
-    import jax
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 

@@ -24,9 +24,9 @@ class BasicBlock(nnx.Module):
     def __init__(self, in_channels: int, planes: int, *, stride: int = 1, downsample: bool = False,
                  dtype=None, rngs: nnx.Rngs):
         self.conv1 = conv(in_channels, planes, 3, stride=stride, dtype=dtype, rngs=rngs)
-        self.bn1 = BatchNorm(planes)
+        self.bn1 = BatchNorm(planes, dtype=dtype)
         self.conv2 = conv(planes, planes, 3, dtype=dtype, rngs=rngs)
-        self.bn2 = BatchNorm(planes)
+        self.bn2 = BatchNorm(planes, dtype=dtype)
         self.downsample = (conv_bn(in_channels, planes, 1, stride=stride, dtype=dtype, rngs=rngs)
                            if downsample else None)
 
@@ -46,11 +46,11 @@ class Bottleneck(nnx.Module):
                  dtype=None, rngs: nnx.Rngs):
         out_channels = planes * self.expansion
         self.conv1 = conv(in_channels, planes, 1, dtype=dtype, rngs=rngs)
-        self.bn1 = BatchNorm(planes)
+        self.bn1 = BatchNorm(planes, dtype=dtype)
         self.conv2 = conv(planes, planes, 3, stride=stride, dtype=dtype, rngs=rngs)
-        self.bn2 = BatchNorm(planes)
+        self.bn2 = BatchNorm(planes, dtype=dtype)
         self.conv3 = conv(planes, out_channels, 1, dtype=dtype, rngs=rngs)
-        self.bn3 = BatchNorm(out_channels)
+        self.bn3 = BatchNorm(out_channels, dtype=dtype)
         self.downsample = (conv_bn(in_channels, out_channels, 1, stride=stride, dtype=dtype, rngs=rngs)
                            if downsample else None)
 
@@ -151,9 +151,9 @@ class HRNet(nnx.Module):
 
     def __init__(self, extra: Mapping[str, Any], *, in_channels: int = 3, dtype=None, rngs: nnx.Rngs):
         self.conv1 = conv(in_channels, 64, 3, stride=2, dtype=dtype, rngs=rngs)
-        self.bn1 = BatchNorm(64)
+        self.bn1 = BatchNorm(64, dtype=dtype)
         self.conv2 = conv(64, 64, 3, stride=2, dtype=dtype, rngs=rngs)
-        self.bn2 = BatchNorm(64)
+        self.bn2 = BatchNorm(64, dtype=dtype)
 
         s1 = _stage_setting(extra, "stage1")
         block = BLOCKS[s1["block"]]

@@ -40,6 +40,12 @@ def _host_normal_init(std_of_shape):
     return init
 
 
+def param_dtype(dtype) -> jnp.dtype:
+    """Storage type of parameters and BN statistics for compute ``dtype``: float64 in a float64 model,
+    float32 otherwise (bfloat16 computes on float32 parameters)."""
+    return jnp.dtype(jnp.float64) if dtype is not None and jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+
+
 # mmcv ConvModule / HRNet: Kaiming normal, fan_out, ReLU gain. HWIO kernel: fan_out = kh * kw * out.
 conv_kernel_init = _host_normal_init(lambda shape: np.sqrt(2.0 / (shape[0] * shape[1] * shape[-1])))
 
@@ -50,7 +56,7 @@ def conv(in_channels: int, out_channels: int, kernel_size: int, *, stride: int =
     pad = kernel_size // 2
     return nnx.Conv(in_channels, out_channels, (kernel_size, kernel_size), strides=(stride, stride),
                     padding=((pad, pad), (pad, pad)), use_bias=use_bias, kernel_init=kernel_init,
-                    bias_init=nnx.initializers.zeros_init(), dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+                    bias_init=nnx.initializers.zeros_init(), dtype=dtype, param_dtype=param_dtype(dtype), rngs=rngs)
 
 
 class BatchNorm(nnx.Module):
@@ -60,15 +66,17 @@ class BatchNorm(nnx.Module):
     batch sharded over devices the batch statistics are global, which is what the reference's SyncBN does.
     """
 
-    def __init__(self, num_features: int, *, momentum: float = BN_MOMENTUM, epsilon: float = BN_EPS):
+    def __init__(self, num_features: int, *, momentum: float = BN_MOMENTUM, epsilon: float = BN_EPS,
+                 dtype=None):
         self.num_features = num_features
         self.momentum = momentum
         self.epsilon = epsilon
         self.use_running_average = False
-        self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
-        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
-        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        store = param_dtype(dtype)
+        self.scale = nnx.Param(jnp.ones((num_features,), store))
+        self.bias = nnx.Param(jnp.zeros((num_features,), store))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), store))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), store))
 
     def __call__(self, x: Array) -> Array:
         xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bf16 compute keeps f32 statistics
@@ -93,7 +101,7 @@ class ConvModule(nnx.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
                  act: bool = True, dtype=None, rngs: nnx.Rngs):
         self.conv = conv(in_channels, out_channels, kernel_size, stride=stride, dtype=dtype, rngs=rngs)
-        self.bn = BatchNorm(out_channels)
+        self.bn = BatchNorm(out_channels, dtype=dtype)
         self.act = act
 
     def __call__(self, x: Array) -> Array:
@@ -110,7 +118,7 @@ def conv_bn(in_channels: int, out_channels: int, kernel_size: int, *, stride: in
     """``nn.Sequential(conv, BN[, ReLU])`` as a list, so parameter paths read ``<name>.0`` / ``<name>.1``
     like the PyTorch state_dict. The caller decides about the ReLU (it has no parameters)."""
     return nnx.List([conv(in_channels, out_channels, kernel_size, stride=stride, dtype=dtype, rngs=rngs),
-                     BatchNorm(out_channels)])
+                     BatchNorm(out_channels, dtype=dtype)])
 
 
 def apply_conv_bn(layers: Sequence[nnx.Module], x: Array, relu: bool) -> Array:
@@ -122,22 +130,30 @@ def apply_conv_bn(layers: Sequence[nnx.Module], x: Array, relu: bool) -> Array:
 # Bilinear resizing with PyTorch's align_corners=False convention.
 # ----------------------------------------------------------------------------------------------------
 
-def _source_indices(in_size, out_size, num_out: int, offset=0):
+def index_dtype(dtype) -> jnp.dtype:
+    """The precision of the bilinear index arithmetic for data of ``dtype``: PyTorch computes the scale and
+    the source coordinates in the input's accumulation type, float64 for float64 tensors and float32 for
+    float32, float16 and bfloat16 ones."""
+    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+
+
+def _source_indices(in_size, out_size, num_out: int, offset=0, dtype=jnp.float32):
     """Indices and weights that ``F.interpolate(bilinear, align_corners=False)`` uses along one axis.
 
     Resizing ``in_size`` samples to ``out_size`` samples; returns the first ``num_out`` outputs (``num_out``
     is static, ``in_size``, ``out_size`` and ``offset`` may be traced integers). Output ``o`` samples the
     window ``[offset, offset + in_size)`` of a longer axis. Returns ``(i0, i1, lam)`` of shape
-    ``[num_out]``: the output is ``(1 - lam) * x[i0] + lam * x[i1]``. PyTorch computes the scale and the
-    source coordinate in float32, and so does this.
+    ``[num_out]``: the output is ``(1 - lam) * x[i0] + lam * x[i1]``. The scale and the source coordinate
+    are computed in ``index_dtype(dtype)`` (``dtype``: the resized data's), as PyTorch does.
     """
+    f = index_dtype(dtype)
     # A true (correctly rounded) division as PyTorch's: the barrier stops XLA from turning a division by a
     # constant into a multiplication by its reciprocal, which is 1 ulp off and shifts traced crops by ~1e-5.
-    scale = jnp.asarray(in_size, jnp.float32) / jax.lax.optimization_barrier(jnp.asarray(out_size, jnp.float32))
-    src = jnp.maximum(scale * (jnp.arange(num_out, dtype=jnp.float32) + 0.5) - 0.5, 0.0)
+    scale = jnp.asarray(in_size, f) / jax.lax.optimization_barrier(jnp.asarray(out_size, f))
+    src = jnp.maximum(scale * (jnp.arange(num_out, dtype=f) + 0.5) - 0.5, 0.0)
     in_i = jnp.asarray(in_size, jnp.int32)
     i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), in_i - 1)  # the clamp only bites past out_size
-    lam = src - i0.astype(jnp.float32)
+    lam = src - i0.astype(f)
     i1 = jnp.minimum(i0 + 1, in_i - 1)
     offset = jnp.asarray(offset, jnp.int32)
     return i0 + offset, i1 + offset, lam
@@ -157,9 +173,9 @@ def resize_bilinear(x: Array, size: tuple[int, int]) -> Array:
     out_h, out_w = size
     in_h, in_w = x.shape[1], x.shape[2]
     if out_h != in_h:
-        x = _lerp_axis(x, *_source_indices(in_h, out_h, out_h), axis=1)
+        x = _lerp_axis(x, *_source_indices(in_h, out_h, out_h, dtype=x.dtype), axis=1)
     if out_w != in_w:
-        x = _lerp_axis(x, *_source_indices(in_w, out_w, out_w), axis=2)
+        x = _lerp_axis(x, *_source_indices(in_w, out_w, out_w, dtype=x.dtype), axis=2)
     return x
 
 
@@ -171,8 +187,8 @@ def crop_resize_bilinear(x: Array, box: Array, size: tuple[int, int]) -> Array:
     size and offset runs through one compiled function. ``x``: ``[B, H, W, C]``; ``box``: int ``[4]``.
     """
     y1, y2, x1, x2 = box[0], box[1], box[2], box[3]
-    x = _lerp_axis(x, *_source_indices(y2 - y1, size[0], size[0], y1), axis=1)
-    return _lerp_axis(x, *_source_indices(x2 - x1, size[1], size[1], x1), axis=2)
+    x = _lerp_axis(x, *_source_indices(y2 - y1, size[0], size[0], y1, x.dtype), axis=1)
+    return _lerp_axis(x, *_source_indices(x2 - x1, size[1], size[1], x1, x.dtype), axis=2)
 
 
 def upsample_to_box(x: Array, box_size: Array, max_size: tuple[int, int]) -> tuple[Array, Array]:
@@ -182,7 +198,7 @@ def upsample_to_box(x: Array, box_size: Array, max_size: tuple[int, int]) -> tup
     ``F.interpolate(x, (s_h, s_w), mode='bilinear')``, and the validity mask ``[*max_size]`` of that block.
     """
     s_h, s_w = box_size[0], box_size[1]
-    x = _lerp_axis(x, *_source_indices(x.shape[1], s_h, max_size[0]), axis=1)
-    x = _lerp_axis(x, *_source_indices(x.shape[2], s_w, max_size[1]), axis=2)
+    x = _lerp_axis(x, *_source_indices(x.shape[1], s_h, max_size[0], dtype=x.dtype), axis=1)
+    x = _lerp_axis(x, *_source_indices(x.shape[2], s_w, max_size[1], dtype=x.dtype), axis=2)
     mask = (jnp.arange(max_size[0])[:, None] < s_h) & (jnp.arange(max_size[1])[None, :] < s_w)
     return x, mask

@@ -70,6 +70,13 @@ def _dtype(model_cfg) -> Any:
     return jnp.dtype(model_cfg.get("dtype", "float32") or "float32")
 
 
+def _as_input(images: Array, dtype) -> Array:
+    """Images in the precision the model resizes them in: a float64 model takes float64 images (the LR
+    resize then runs in float64, as PyTorch's on float64 tensors); bfloat16 and float32 models resize the
+    float32 images in float32."""
+    return images.astype(jnp.promote_types(images.dtype, dtype))
+
+
 def _build_head(model_cfg, dtype, rngs) -> FCNHead:
     h = model_cfg["decode_head"]
     return FCNHead(in_channels=h["in_channels"], channels=h["channels"], num_classes=h.get("num_classes", 4),
@@ -83,12 +90,13 @@ class FCNSegmentor(nnx.Module):
 
     def __init__(self, model_cfg: Mapping[str, Any], *, rngs: nnx.Rngs):
         dtype = _dtype(model_cfg)
+        self.dtype = dtype
         self.backbone = HRNet(model_cfg["backbone"]["extra"], dtype=dtype, rngs=rngs)
         self.decode_head = _build_head(model_cfg, dtype, rngs)
         self.smooth = float(model_cfg["decode_head"].get("loss_smooth", 1e-5))
 
     def _logits(self, images: Array) -> Array:
-        logits = self.decode_head(upsample_concat(self.backbone(images)))
+        logits = self.decode_head(upsample_concat(self.backbone(_as_input(images, self.dtype))))
         return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
     def __call__(self, images: Array) -> Array:
@@ -107,6 +115,7 @@ class HRDecoder(nnx.Module):
 
     def __init__(self, model_cfg: Mapping[str, Any], *, rngs: nnx.Rngs):
         dtype = _dtype(model_cfg)
+        self.dtype = dtype
         hr = model_cfg["hr_settings"]
         self.backbone = HRNet(model_cfg["backbone"]["extra"], dtype=dtype, rngs=rngs)
         visual_dim = hr.get("visual_dim", None)
@@ -158,7 +167,7 @@ class HRDecoder(nnx.Module):
     # ------------------------------------------------------------------------------------------------
     def extract_lr_features(self, images: Array) -> Array:
         """``[B, H, W, 3]`` -> ``lr_feat [B, f_h, f_w, C]`` from the image resized to ``hr_scale``."""
-        lr_images = resize_bilinear(images, self.hr_scale)
+        lr_images = resize_bilinear(_as_input(images, self.dtype), self.hr_scale)
         feat = upsample_concat(self.backbone(lr_images))
         if self.multiscale_compressor is not None:
             feat = self.multiscale_compressor(feat)
