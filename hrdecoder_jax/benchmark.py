@@ -5,10 +5,12 @@ slide window ``model.test_cfg.crop_size`` in slide mode or ``data.test_scale`` i
 ``--image_size``:
 
   params   learnable parameters (BN statistics excluded)
-  train    one jitted SGD train step (value_and_grad of ``train_losses(...)['total']``, BN statistics updated,
-           crop boxes drawn in-graph from a key that changes every step): compile time, median/min step time
-           over ``--repeats`` steps, images/s, and the number of compilations over the timed steps (must be 1)
-  infer    one jitted eval forward on ``[1, H, W, 3]``: compile time, median/min seconds, images/s
+  train    the trainer's own step (``train_step.make_train_step`` with the config's optimiser from
+           ``optim.make_optimizer``, jitted by ``train_step.jit_train_step`` as training does; crop boxes
+           drawn in-graph from the step number): trace and compile time, median/min step time over
+           ``--repeats`` steps, images/s, and the number of compilations over the timed steps (must be 1)
+  infer    the compiled eval forward of ``inference.make_forward`` on ``[1, H, W, 3]``: compile time,
+           median/min seconds, images/s
   memory   XLA's compiled memory analysis of the train step and of the forward (temp, arguments, outputs,
            aliased/donated; peak estimate = temp + arguments + outputs - aliased), and the device's live peak
            (``memory_stats()['peak_bytes_in_use']``, compile-time autotuning scratch included; None on a CPU)
@@ -43,11 +45,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hrdecoder_jax import config_utils
-from hrdecoder_jax.models import build_model
+from hrdecoder_jax.inference import make_forward
+from hrdecoder_jax.models import build_model, count_params
+from hrdecoder_jax.optim import make_optimizer
+from hrdecoder_jax.train_step import jit_train_step, make_mesh, make_train_step, merge_model, split_for_training
 
 ALL = ("train", "infer", "memory", "flops", "input")
 PARTS = ("memory_train", "memory_infer", "flops_train", "flops_infer")   # one function's memory / FLOPs only
@@ -119,56 +124,14 @@ def abstract_model(model_cfg) -> nnx.Module:
         return build_model(model_cfg, rngs=nnx.Rngs(0))
 
 
-def param_count(model: nnx.Module) -> int:
-    """Learnable parameters of a concrete or abstract model."""
-    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
-
-
 # ----------------------------------------------------------------------------------------------------
 # Jitted functions
 # ----------------------------------------------------------------------------------------------------
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, image_size: Sequence[int], counter: list,
-                    seed: int = 0):
-    """``jit(step(params, rest, opt_state, step, images, labels) -> (params, rest, opt_state, loss, boxes))``
-    with params, rest and opt_state donated. ``counter[0]`` counts traces (= compilations of new signatures).
-    Crop boxes are drawn in-graph from ``fold_in(PRNGKey(seed), step)`` and returned (``[0, 4]`` for FCN)."""
-    base_key = jax.random.PRNGKey(seed)
-
-    def loss_fn(params, rest, images, labels, key):
-        model = nnx.merge(graphdef, params, rest, copy=True)
-        if hasattr(model, "sample_crop_boxes"):
-            boxes = model.sample_crop_boxes(key, image_size)
-        else:
-            boxes = jnp.zeros((0, 4), jnp.int32)
-        losses = model.train_losses(images, labels, crop_boxes=boxes)
-        return losses["total"], (nnx.state(model, nnx.Not(nnx.Param)), boxes)
-
-    def step_fn(params, rest, opt_state, step, images, labels):
-        counter[0] += 1
-        key = jax.random.fold_in(base_key, step)
-        (loss, (rest, boxes)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, images, labels, key)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, rest, opt_state, loss, boxes
-
-    return jax.jit(step_fn, donate_argnums=(0, 1, 2))
-
-
-def make_forward(graphdef, counter: list):
-    """``jit(forward(state, images) -> logits)`` of the model (eval mode) ``graphdef``, as ``inference.make_forward``
-    does, exposed as a jitted function so it can be lowered and analysed."""
-
-    def forward(state, images):
-        counter[0] += 1
-        return nnx.merge(graphdef, state)(images)
-
-    return jax.jit(forward)
-
-
 def _shape_of(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                        tree)
 
 
 def _memory(compiled) -> dict[str, int | None]:
@@ -294,7 +257,7 @@ def run_benchmark(config: ml_collections.ConfigDict, what: Sequence[str] = DEFAU
     _log(f"building {model_cfg.type} (W{res['width']}, hr_scale {res['hr_scale']}) "
          f"{'with weights' if concrete else 'abstractly'} ...")
     model = build_model(model_cfg, rngs=nnx.Rngs(0)) if concrete else abstract_model(model_cfg)
-    res["params"] = param_count(model)
+    res["params"] = count_params(model)
 
     h, w = train_size
     train_images = jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32)
@@ -303,11 +266,20 @@ def run_benchmark(config: ml_collections.ConfigDict, what: Sequence[str] = DEFAU
 
     if need_train:
         model.train()
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(1e-3, momentum=0.9))
+        structure, params, rest = split_for_training(model)      # shapes only for an abstract model
+        tx = make_optimizer(config.optimizer, config.total_steps)
         opt_state = jax.eval_shape(tx.init, params) if not concrete else tx.init(params)
-        counter = [0]
-        step = make_train_step(graphdef, tx, train_size, counter)
+        traces = []
+
+        def counted(*args):          # counts traces (= compilations of new signatures)
+            traces.append(1)
+            return step_fn(*args)
+
+        step_fn = make_train_step(structure, tx, seed=config.seed)
+        mesh = make_mesh(jax.devices()[:1])                            # one device: the per-device cost
+        step = jit_train_step(counted, mesh)
+        if concrete:   # placed as the trainer places them, so the timed calls reuse this compilation
+            params, rest, opt_state = jax.device_put((params, rest, opt_state), NamedSharding(mesh, P()))
         args = (_shape_of(params), _shape_of(rest), _shape_of(opt_state), jax.ShapeDtypeStruct((), jnp.int32),
                 train_images, train_labels)
         _log(f"compiling the train step on {batch}x{h}x{w} ...")
@@ -318,7 +290,7 @@ def run_benchmark(config: ml_collections.ConfigDict, what: Sequence[str] = DEFAU
         t2 = time.perf_counter()
         res["train_trace_s"] = t1 - t0
         res["train_compile_s"] = t2 - t1
-        _log(f"compiled in {t2 - t0:.1f} s")
+        _log(f"traced in {t1 - t0:.1f} s, compiled in {t2 - t1:.1f} s")
         if "memory_train" in what:
             res.update({f"train_mem_{k}": v for k, v in _memory(compiled).items()})
         if "flops_train" in what:
@@ -330,16 +302,15 @@ def run_benchmark(config: ml_collections.ConfigDict, what: Sequence[str] = DEFAU
             labels = jnp.asarray(np.where(rng.random((batch, h, w)) < 0.02,
                                           rng.integers(1, 5, (batch, h, w)), 0).astype(np.int32))
             state = [params, rest, opt_state]
-            boxes_seen, losses = [], []
-            traces_before = counter[0]
+            losses = []
+            traces_before = len(traces)
 
             def one(i):
                 def call():
-                    p, r, o, loss, boxes = step(*state, jnp.int32(i), images, labels)
+                    p, r, o, metrics = step(*state, jnp.int32(i), images, labels)
                     state[:] = [p, r, o]
-                    losses.append(loss)
-                    boxes_seen.append(boxes)
-                    return loss
+                    losses.append(metrics["total"])
+                    return metrics["total"]
                 return call
 
             _log("first (warm-up) train step ...")
@@ -350,24 +321,25 @@ def run_benchmark(config: ml_collections.ConfigDict, what: Sequence[str] = DEFAU
             res["train_step_min_s"] = min(times)
             res["train_images_per_s"] = batch / statistics.median(times)
             # Compilations over the warm-up + timed steps; the lowering above traced once.
-            res["train_compile_count"] = counter[0] - traces_before + 1
-            cache = getattr(step, "_cache_size", None)
-            res["train_jit_cache_size"] = int(cache()) if cache else None
-            draws = {tuple(np.asarray(b).ravel().tolist()) for b in boxes_seen}
-            res["train_distinct_crop_draws"] = len(draws)
+            res["train_compile_count"] = len(traces) - traces_before + 1
+            res["train_jit_cache_size"] = int(step._cache_size())
+            if hasattr(model, "sample_crop_boxes"):    # the draws the steps made (the trainer's own rule)
+                draw = jax.jit(lambda k: model.sample_crop_boxes(k, train_size))
+                base = jax.random.PRNGKey(config.seed)
+                draws = {tuple(np.asarray(draw(jax.random.fold_in(base, i))).ravel().tolist())
+                         for i in range(repeats + 1)}
+                res["train_distinct_crop_draws"] = len(draws)
             res["train_final_loss"] = float(losses[-1])
-            nnx.update(model, state[0], state[1])   # the donated buffers are gone; keep the model usable
+            model = merge_model(structure, state[0], state[1])   # the donated buffers are gone
             del state
         del compiled, lowered
 
     if need_infer:
         model.eval()
-        graphdef, state = nnx.split(model)
-        counter = [0]
-        fwd = make_forward(graphdef, counter)
+        fwd = make_forward(model)
         _log(f"compiling the forward on 1x{infer_size[0]}x{infer_size[1]} ...")
         t0 = time.perf_counter()
-        compiled = fwd.lower(_shape_of(state), infer_images).compile()
+        compiled = fwd.lower(infer_images).compile()
         res["infer_compile_s"] = time.perf_counter() - t0
         _log(f"compiled in {res['infer_compile_s']:.1f} s")
         if "memory_infer" in what:
@@ -377,13 +349,13 @@ def run_benchmark(config: ml_collections.ConfigDict, what: Sequence[str] = DEFAU
         if "infer" in what:
             images = jnp.asarray(np.random.default_rng(1).standard_normal((1, *infer_size, 3), np.float32))
             _log("first (warm-up) forward ...")
-            res["infer_first_s"] = _time(lambda: fwd(state, images), 1)[0]
+            res["infer_first_s"] = _time(lambda: fwd(images), 1)[0]
             _log(f"timing {repeats} forwards ...")
-            times = _time(lambda: fwd(state, images), repeats)
+            times = _time(lambda: fwd(images), repeats)
             res["infer_median_s"] = statistics.median(times)
             res["infer_min_s"] = min(times)
             res["infer_images_per_s"] = 1.0 / statistics.median(times)
-            res["infer_compile_count"] = counter[0]
+            res["infer_compile_count"] = fwd.compilations()
         del compiled
 
     if "memory_train" in what or "memory_infer" in what:

@@ -17,22 +17,34 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from hrdecoder_jax.models.layers import resize_bilinear
+from hrdecoder_jax.models.resize import resize_bilinear
 from hrdecoder_jax.models.segmentor import slide_windows
 
 Array = jax.Array
 
 
-def make_forward(model: nnx.Module) -> Callable[[Array], Array]:
-    """A jitted ``images [B, H, W, 3] -> logits [B, H, W, K]`` of ``model`` in its current mode (call
-    ``model.eval()`` first). Compiled once per input shape; the model's state is captured at call time."""
-    graphdef, state = nnx.split(model)
+class Forward:
+    """A jitted ``images [B, H, W, 3] -> logits [B, H, W, K]`` of a model in its current mode (call
+    ``model.eval()`` first), with the model's state captured when it was made. Compiled once per input
+    shape; ``lower(images)`` exposes the compilation (memory and cost analysis)."""
 
-    @jax.jit
-    def forward(state, images):
-        return nnx.merge(graphdef, state)(images)
+    def __init__(self, model: nnx.Module):
+        graphdef, self.state = nnx.split(model)
+        self.jitted = jax.jit(lambda state, images: nnx.merge(graphdef, state)(images))
 
-    return lambda images: forward(state, images)
+    def __call__(self, images: Array) -> Array:
+        return self.jitted(self.state, images)
+
+    def lower(self, images):
+        return self.jitted.lower(self.state, images)
+
+    def compilations(self) -> int:
+        return self.jitted._cache_size()
+
+
+def make_forward(model: nnx.Module) -> Forward:
+    """The compiled forward of ``model`` (see ``Forward``)."""
+    return Forward(model)
 
 
 def _forward_fn(model_or_forward) -> Callable[[Array], Array]:
@@ -70,7 +82,8 @@ def slide_inference(model, images: Array, crop_size: Sequence[int], stride: Sequ
     total = jnp.zeros((b, h, w, logits.shape[-1]), logits.dtype)
     count = np.zeros((h, w), np.float32)
     for logit, (y1, y2, x1, x2) in zip(logits, boxes):
-        total = total.at[:, y1:y2, x1:x2].add(logit)
+        window = jax.lax.slice(total, (0, y1, x1, 0), (b, y2, x2, total.shape[-1]))
+        total = jax.lax.dynamic_update_slice(total, window + logit, (0, y1, x1, 0))
         count[y1:y2, x1:x2] += 1
     return total / jnp.asarray(count)[None, :, :, None]
 

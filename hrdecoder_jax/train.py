@@ -23,110 +23,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hrdecoder_jax import checkpoint, config_utils
 from hrdecoder_jax.models import build_model, count_params
-
-# ----------------------------------------------------------------------------------------------------
-# Optimiser
-# ----------------------------------------------------------------------------------------------------
-
-
-def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int):
-    """The reference's per-iteration lr (mmcv PolyLrUpdaterHook with linear warm-up), ``i`` 0-based:
-    ``regular(i) = (lr - min_lr) * (1 - i / total) ** power + min_lr``;
-    ``lr(i) = regular(i) * (1 - (1 - i / warmup) * (1 - warmup_ratio))`` for ``i < warmup``, else ``regular(i)``."""
-    base, min_lr, power = opt.lr, opt.min_lr, opt.power
-    warmup, ratio = opt.warmup_steps, opt.warmup_ratio
-
-    def schedule(i):
-        i = jnp.asarray(i, jnp.float32)
-        # (total - i) / total rather than 1 - i / total: exact step counts keep float32 accurate at the end.
-        regular = (base - min_lr) * jnp.maximum((total_steps - i) / total_steps, 0.0) ** power + min_lr
-        if warmup <= 0:
-            return regular
-        # = 1 - (1 - i / warmup) * (1 - ratio), written so float32 keeps lr(0) = ratio * lr exactly.
-        factor = ratio + (1.0 - ratio) * (i / warmup)
-        return jnp.where(i < warmup, regular * factor, regular)
-
-    return schedule
-
-
-def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """SGD with PyTorch's coupled weight decay on every parameter (BN and biases included), or AdamW."""
-    schedule = learning_rate_schedule(opt, total_steps)
-    if opt.name == "sgd":
-        return optax.chain(optax.add_decayed_weights(opt.weight_decay),
-                           optax.sgd(schedule, momentum=opt.momentum))
-    if opt.name == "adamw":
-        return optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay)
-    raise config_utils.ConfigError(f"optimizer.name must be 'sgd' or 'adamw', got {opt.name!r}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# The train step
-# ----------------------------------------------------------------------------------------------------
-
-
-def make_train_step(graphdef, tx, *, seed: int, grad_accum_steps: int = 1):
-    """``step(params, rest, opt_state, step, images, labels) -> (params, rest, opt_state, metrics)``.
-
-    ``rest`` is every non-parameter state of the model (BN statistics, RNG counters). Crop boxes come from
-    ``fold_in(PRNGKey(seed), step)``, so the function is traced once for every draw and a resumed run
-    draws the same crops.
-    """
-    base_key = jax.random.PRNGKey(seed)
-
-    def loss_fn(params, rest, images, labels, key):
-        model = nnx.merge(graphdef, params, rest, copy=True)
-        losses = model.train_losses(images, labels, key=key)
-        return losses["total"], (losses, nnx.state(model, nnx.Not(nnx.Param)))
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def step_fn(params, rest, opt_state, step, images, labels):
-        key = jax.random.fold_in(base_key, step)
-        if grad_accum_steps == 1:
-            (_, (losses, rest)), grads = grad_fn(params, rest, images, labels, key)
-        else:
-            # Micro-batches in sequence; BN statistics are then per micro-batch (documented trade-off).
-            n = grad_accum_steps
-            split = lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:])
-            zeros = jax.tree.map(jnp.zeros_like, params)
-
-            def body(carry, xs):
-                rest, acc, loss_acc = carry
-                imgs, labs, i = xs
-                (_, (losses, rest)), g = grad_fn(params, rest, imgs, labs, jax.random.fold_in(key, i))
-                acc = jax.tree.map(lambda a, b: a + b / n, acc, g)
-                loss_acc = jax.tree.map(lambda a, b: a + b / n, loss_acc, losses)
-                return (rest, acc, loss_acc), None
-
-            loss0 = jax.eval_shape(lambda: grad_fn(params, rest, split(images)[0], split(labels)[0], key)[0][1][0])
-            loss0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), loss0)
-            (rest, grads, losses), _ = jax.lax.scan(
-                body, (rest, zeros, loss0), (split(images), split(labels), jnp.arange(n)))
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        metrics = dict(losses)
-        metrics["grad_norm"] = optax.global_norm(grads)
-        return params, rest, opt_state, metrics
-
-    return step_fn
-
+from hrdecoder_jax.optim import learning_rate_schedule, make_optimizer
+from hrdecoder_jax.train_step import jit_train_step, make_mesh, make_train_step, merge_model, split_for_training
 
 # ----------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------
-
-
-def make_mesh() -> jax.sharding.Mesh:
-    """One ``data`` axis over every device of every process (GSPMD-style auto axis)."""
-    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def _now() -> float:
@@ -261,7 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final
     tx = make_optimizer(config.optimizer, config.total_steps)
     ckpt = checkpoint.Checkpointer(workdir, keep_best=config.keep_best)
     how, restore_kind = _initialise(model, config, workdir, ckpt)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    structure, params, rest = split_for_training(model)
     opt_state = tx.init(params)
     start_step, best_miou = 0, -1.0
     if restore_kind is not None:
@@ -276,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final
             raise SystemExit(f"cannot resume from {source.workdir} step {step}: {checkpoint._first_line(e)} "
                              "(a checkpoint of another architecture?)") from None
         checkpoint.load_model_state(model, restored["model"])
-        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        structure, params, rest = split_for_training(model)
         opt_state = restored["opt_state"]
         start_step = int(restored["meta"]["step"])
         best_miou = float(restored["meta"].get("best_miou", -1.0))
@@ -285,10 +193,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final
         print(f"[init] {how}", flush=True)
 
     params, rest, opt_state = jax.device_put((params, rest, opt_state), replicated)
-    step_fn = make_train_step(graphdef, tx, seed=config.seed, grad_accum_steps=config.grad_accum_steps)
-    jit_step = jax.jit(step_fn, donate_argnums=(0, 1, 2),
-                       in_shardings=(replicated, replicated, replicated, replicated, data_sharding, data_sharding),
-                       out_shardings=(replicated, replicated, replicated, replicated))
+    step_fn = make_train_step(structure, tx, seed=config.seed, grad_accum_steps=config.grad_accum_steps)
+    jit_step = jit_train_step(step_fn, mesh)
 
     batches = pipeline.make_train_dataset(
         train_ds, config.data, global_batch_size=config.global_batch_size, seed=config.seed,
@@ -305,7 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final
     label_key = "masks" if config.data.label_mode == "multilabel" else "label"
 
     def current_model():
-        return nnx.merge(graphdef, params, rest, copy=True)
+        return merge_model(structure, params, rest)
 
     def save(step: int, force: bool = False):
         meta = {"step": step, "best_miou": best_miou, "model_type": config.model.type}

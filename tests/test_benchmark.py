@@ -1,5 +1,6 @@
 """The benchmark: a cheap run on the tiny config, the CLI, and every config's model built abstractly."""
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 from flax import nnx
 
 from hrdecoder_jax import benchmark, config_utils
-from hrdecoder_jax.models import build_model
+from hrdecoder_jax.models import build_model, count_params
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_SPECS = [
@@ -100,13 +101,13 @@ def test_every_config_builds_abstractly(spec):
     cfg = _config(spec)
     config_utils.validate_config(cfg)
     model = nnx.eval_shape(lambda: build_model(cfg.model, rngs=nnx.Rngs(0)))
-    n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    assert n == benchmark.param_count(model) > 0
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert n == count_params(model) > 0
 
 
 def test_idrid_w48_parameter_count():
     model = benchmark.abstract_model(_config("configs/idrid.py").model)
-    assert benchmark.param_count(model) == 65_572_420
+    assert count_params(model) == 65_572_420
 
 
 def test_with_width():

@@ -13,7 +13,7 @@ from flax import nnx
 from hrdecoder_jax import config_utils
 from hrdecoder_jax.convert import WeightImportError, load_torch_weights, read_state_dict
 from hrdecoder_jax.models import build_model, count_params, draw_crop_boxes, slide_windows
-from hrdecoder_jax.models.layers import crop_resize_bilinear, resize_bilinear, upsample_to_box
+from hrdecoder_jax.models.resize import crop_resize_bilinear, resize_bilinear, upsample_to_box
 
 STATE_NPZ = "tiny_w18_256_hr128_seed0_state_dict.npz"
 STATE_PTH = "tiny_w18_256_hr128_seed0_state_dict.pth"
@@ -249,16 +249,16 @@ def test_idrid_crop_draws_fit_the_canvas():
 
 def test_train_step_compiles_once_for_all_crop_draws():
     """20+ steps with different random crop sizes and offsets run through one compiled step."""
-    from hrdecoder_jax.train import make_train_step
+    from hrdecoder_jax.train_step import make_train_step, split_for_training
     cfg = config_utils.model_config(width=8, num_modules=(1, 1, 1, 1), num_blocks=1, hr_scale=(64, 64),
                                     crop_num=2, channels=8, kernel_size=3)
     model = build_model(cfg, rngs=nnx.Rngs(0))
     model.train()
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    structure, params, rest = split_for_training(model)
     tx = optax.sgd(1e-3)
     opt_state = tx.init(params)
     traces = []
-    step_fn = make_train_step(graphdef, tx, seed=0)
+    step_fn = make_train_step(structure, tx, seed=0)
     jitted = jax.jit(lambda *a: (traces.append(1), step_fn(*a))[1], donate_argnums=(0, 1, 2))
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.standard_normal((1, 128, 128, 3)), jnp.float32)

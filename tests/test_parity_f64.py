@@ -174,9 +174,10 @@ def test_float64_model_without_x64_fails_in_one_line():
 
 
 def test_one_training_step_runs_in_float64(fixtures_dir):
-    """The trainer's own step (``train.make_train_step`` + ``make_optimizer``) keeps everything in float64:
+    """The trainer's own step (``train_step.make_train_step`` + ``optim.make_optimizer``) keeps everything in float64:
     parameters, optimiser state, BN statistics and losses (a float32 image from the pipeline included)."""
-    from hrdecoder_jax.train import make_optimizer, make_train_step
+    from hrdecoder_jax.optim import make_optimizer
+    from hrdecoder_jax.train_step import make_train_step, split_for_training
     ref = dict(np.load(fixtures_dir / "efficient_w4_128_hr64_f64.npz"))
     meta = json.loads(str(ref["meta"]))
     cfg = variant_config(meta)
@@ -184,10 +185,10 @@ def test_one_training_step_runs_in_float64(fixtures_dir):
     model = build_model(cfg, rngs=nnx.Rngs(0))
     load_torch_weights(model, {k[len("state/"):]: v for k, v in ref.items() if k.startswith("state/")})
     model.train()
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    structure, params, rest = split_for_training(model)
     tx = make_optimizer(config_utils.optimizer_config(), total_steps=10)
     opt_state = tx.init(params)
-    step = jax.jit(make_train_step(graphdef, tx, seed=0))
+    step = jax.jit(make_train_step(structure, tx, seed=0))
     images = jnp.asarray(nhwc(ref["input"]))          # float32, as the input pipeline delivers them
     labels = jnp.asarray(ref["train_label"][:, 0].astype(np.int32))
     for i in range(2):

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from hrdecoder_jax import config_utils
-from hrdecoder_jax.train import learning_rate_schedule, train_and_evaluate
+from hrdecoder_jax.optim import learning_rate_schedule
+from hrdecoder_jax.train import train_and_evaluate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

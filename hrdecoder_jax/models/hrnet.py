@@ -13,7 +13,8 @@ from typing import Any, Mapping, Sequence
 import jax
 from flax import nnx
 
-from hrdecoder_jax.models.layers import BatchNorm, apply_conv_bn, conv, conv_bn, resize_bilinear
+from hrdecoder_jax.models.layers import BatchNorm, apply_conv_bn, conv, conv_bn, conv_bn_forward
+from hrdecoder_jax.models.resize import resize_bilinear
 
 Array = jax.Array
 
@@ -31,10 +32,10 @@ class BasicBlock(nnx.Module):
                            if downsample else None)
 
     def __call__(self, x: Array) -> Array:
-        out = jax.nn.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = jax.nn.relu(conv_bn_forward(self.conv1, self.bn1, x))
+        out = conv_bn_forward(self.conv2, self.bn2, out)
         identity = apply_conv_bn(self.downsample, x, relu=False) if self.downsample is not None else x
-        return jax.nn.relu(out + identity)
+        return fusion_fence(jax.nn.relu(out + identity))
 
 
 class Bottleneck(nnx.Module):
@@ -55,11 +56,18 @@ class Bottleneck(nnx.Module):
                            if downsample else None)
 
     def __call__(self, x: Array) -> Array:
-        out = jax.nn.relu(self.bn1(self.conv1(x)))
-        out = jax.nn.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        out = jax.nn.relu(conv_bn_forward(self.conv1, self.bn1, x))
+        out = jax.nn.relu(conv_bn_forward(self.conv2, self.bn2, out))
+        out = conv_bn_forward(self.conv3, self.bn3, out)
         identity = apply_conv_bn(self.downsample, x, relu=False) if self.downsample is not None else x
-        return jax.nn.relu(out + identity)
+        return fusion_fence(jax.nn.relu(out + identity))
+
+
+def fusion_fence(x: Array) -> Array:
+    """``x``, materialised once. XLA's CPU fusion copies a cheap elementwise producer into every consumer,
+    so along a residual chain each block recomputed (and re-read the inputs of) all blocks before it."""
+    flat = x.reshape(-1)
+    return jax.lax.cond(flat[0] == flat[0], lambda v: v, lambda v: v + 0.0, x)
 
 
 BLOCKS = {"BASIC": BasicBlock, "BOTTLENECK": Bottleneck}
@@ -120,7 +128,7 @@ class HRModule(nnx.Module):
                     for k, down in enumerate(layer):
                         z = apply_conv_bn(down, z, relu=k < len(layer) - 1)
                 y = z if y is None else y + z
-            outs.append(jax.nn.relu(y))
+            outs.append(fusion_fence(jax.nn.relu(y)))
         return outs
 
     @staticmethod
@@ -200,8 +208,8 @@ class HRNet(nnx.Module):
         return x
 
     def __call__(self, x: Array) -> list[Array]:
-        x = jax.nn.relu(self.bn1(self.conv1(x)))
-        x = jax.nn.relu(self.bn2(self.conv2(x)))
+        x = jax.nn.relu(conv_bn_forward(self.conv1, self.bn1, x))
+        x = jax.nn.relu(conv_bn_forward(self.conv2, self.bn2, x))
         for blk in self.layer1:
             x = blk(x)
         ys = [x]

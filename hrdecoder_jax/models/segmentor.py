@@ -19,7 +19,7 @@ order, so the running statistics match the reference. Crops and windows are cut 
 ``compress`` projection of ``lr_feat`` rather than from ``lr_feat`` itself (``project``): the same numbers,
 since a bias-free 1x1 conv commutes with bilinear resizing, at ``channels``/``C`` of the memory. The HR
 crop size and offsets are traced values: every draw runs through one compiled function (see
-``layers.crop_resize_bilinear``).
+``resize.crop_resize_bilinear``).
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ from flax import nnx
 from hrdecoder_jax.losses import dice_loss
 from hrdecoder_jax.models.head import FCNHead
 from hrdecoder_jax.models.hrnet import HRNet
-from hrdecoder_jax.models.layers import ConvModule, crop_resize_bilinear, resize_bilinear, upsample_to_box
+from hrdecoder_jax.models.layers import ConvModule
+from hrdecoder_jax.models.resize import crop_resize_bilinear, resize_bilinear, upsample_to_box
 
 Array = jax.Array
 
@@ -189,22 +190,23 @@ class HRDecoder(nnx.Module):
 
     def window_logits(self, proj: Array, image_size: Sequence[int]) -> tuple[Array, list[tuple]]:
         """Decode every ``hr_scale`` window of the projected map ``proj = project(lr_feat)``:
-        ``[n_windows, B, hr_h, hr_w, K]`` logits and the boxes."""
+        ``[n_windows, B, hr_h, hr_w, K]`` logits and the boxes. The windows are static: plain slices."""
         boxes = slide_windows(image_size, self.hr_scale, self.hr_scale)
         gh, gw = self.grid(image_size)
         fsize = proj.shape[1:3]
-        crops = [crop_resize_bilinear(proj, jnp.array([y1 // gh, y2 // gh, x1 // gw, x2 // gw]), fsize)
-                 for (y1, y2, x1, x2) in boxes]
+        crops = [resize_bilinear(proj[:, y1 // gh:y2 // gh, x1 // gw:x2 // gw], fsize) for (y1, y2, x1, x2) in boxes]
         logits = self._decode(jnp.concatenate(crops, axis=0))       # one head call, window-major
         logits = resize_bilinear(logits, self.hr_scale)
         return logits.reshape(len(boxes), proj.shape[0], *logits.shape[1:]), boxes
 
     @staticmethod
     def fuse(up_lr_logit: Array, window_logits: Array, boxes: Sequence[tuple]) -> Array:
-        """Average the HR window logits with the upsampled LR logits inside each window, as the reference."""
+        """Average the HR window logits with the upsampled LR logits inside each window, as the reference
+        (later windows overwrite earlier ones; the LR term is always the unfused upsampled LR logit)."""
         fused = up_lr_logit
         for logit, (y1, y2, x1, x2) in zip(window_logits, boxes):
-            fused = fused.at[:, y1:y2, x1:x2].set((logit + up_lr_logit[:, y1:y2, x1:x2]) / 2)
+            lr = jax.lax.slice_in_dim(jax.lax.slice_in_dim(up_lr_logit, y1, y2, axis=1), x1, x2, axis=2)
+            fused = jax.lax.dynamic_update_slice(fused, (logit + lr) / 2, (0, y1, x1, 0))
         return fused
 
     def predict_parts(self, images: Array) -> dict[str, Any]:
@@ -256,12 +258,18 @@ class HRDecoder(nnx.Module):
         canvas = self.max_crop_size
         hr_logits, mask = upsample_to_box(hr_logits, crop_size, canvas)
 
-        def label_crop(box):
-            rows = jnp.clip(box[0] + jnp.arange(canvas[0]), 0, image_size[0] - 1)
-            cols = jnp.clip(box[2] + jnp.arange(canvas[1]), 0, image_size[1] - 1)
-            return jnp.take(jnp.take(labels, rows, axis=1), cols, axis=2)
+        # The label crops: canvas-sized windows at the traced offsets (padding keeps every window inside the
+        # array, so no offset is clamped); pixels past the crop size are outside the mask.
+        pad = [(0, 0), (0, canvas[0]), (0, canvas[1])] + [(0, 0)] * (labels.ndim - 3)
+        padded = jnp.pad(labels, pad)
 
-        hr_labels = jax.vmap(label_crop)(crop_boxes)
+        def label_crop(box):
+            zero = jnp.zeros((), box.dtype)
+            start = (zero, box[0], box[2]) + (zero,) * (labels.ndim - 3)
+            return jax.lax.dynamic_slice(padded, start, (labels.shape[0], *canvas, *labels.shape[3:]))
+
+        # A Python loop, not vmap: a batched dynamic_slice would become a gather.
+        hr_labels = jnp.stack([label_crop(crop_boxes[m]) for m in range(crop_boxes.shape[0])])
         hr_labels = hr_labels.reshape(-1, *hr_labels.shape[2:])
         return dice_loss(hr_logits, hr_labels, smooth=self.smooth, mask=mask)
 
