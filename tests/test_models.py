@@ -284,8 +284,21 @@ def test_bad_model_settings_fail_with_field_names():
     cfg.decode_head.in_channels = 700
     with pytest.raises(config_utils.ConfigError, match="in_channels"):
         config_utils.validate_model_config(cfg, (1920, 1920))
-    with pytest.raises(ValueError, match="model.type"):
+    with pytest.raises(config_utils.ConfigError, match="model.type"):
         build_model(config_utils.model_config(kind="Unet"), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("section,key", [("decode_head", "num_convs"), ("decode_head", "concat_input"),
+                                         ("decode_head", "dropout_ratio"), ("hr_settings", "crop_num"),
+                                         ("decode_head", "loss_smooth"), (None, "dtype")])
+def test_a_missing_model_key_is_an_error_not_another_default(section, key):
+    """mmseg's class defaults (crop_num 4, num_convs 2, concat_input, dropout 0.1) differ from the paper's;
+    the config builders are the one source of defaults, so a config without the key must not build."""
+    cfg = config_utils.model_config(width=8, num_modules=(1, 1, 1, 1), num_blocks=1, hr_scale=(64, 64))
+    with cfg.unlocked():
+        del (cfg[section] if section else cfg)[key]
+    with pytest.raises(config_utils.ConfigError, match=key):
+        build_model(cfg, rngs=nnx.Rngs(0))
 
 
 def test_efficient_and_fcn_forward_shapes():

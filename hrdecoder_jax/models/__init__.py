@@ -25,12 +25,15 @@ SEGMENTORS = {
 
 def build_model(model_config: Mapping[str, Any], *, rngs: nnx.Rngs) -> nnx.Module:
     """Build the segmentor named by ``model_config.type`` (``HRDecoder``, ``EfficientHRDecoder``, ``FCN``)."""
-    kind = model_config.get("type", "HRDecoder")
+    for key in ("type", "dtype", "backbone", "decode_head"):
+        if key not in model_config:
+            raise ConfigError(f"model lacks {key} (build model configs with hrdecoder_jax.config_utils.model_config)")
+    kind = model_config["type"]
     if kind not in SEGMENTORS:
-        raise ValueError(f"model.type must be one of {sorted(SEGMENTORS)}, got {kind!r}")
+        raise ConfigError(f"model.type must be one of {sorted(SEGMENTORS)}, got {kind!r}")
     if kind == "EfficientHRDecoder" and not model_config["hr_settings"].get("visual_dim"):
-        raise ValueError("model.hr_settings.visual_dim must be set for model.type='EfficientHRDecoder'")
-    dtype = model_config.get("dtype", "float32") or "float32"
+        raise ConfigError("model.hr_settings.visual_dim must be set for model.type='EfficientHRDecoder'")
+    dtype = model_config["dtype"] or "float32"
     if jnp.dtype(dtype) == jnp.float64 and not jax.config.read("jax_enable_x64"):
         # Without 64-bit mode JAX silently makes every float64 array float32.
         raise ConfigError("model.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 in the environment "

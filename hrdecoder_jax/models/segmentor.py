@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hrdecoder_jax.config_utils import ConfigError
 from hrdecoder_jax.losses import dice_loss
 from hrdecoder_jax.models.head import FCNHead
 from hrdecoder_jax.models.hrnet import HRNet
@@ -68,7 +69,7 @@ def upsample_concat(features: Sequence[Array]) -> Array:
 
 
 def _dtype(model_cfg) -> Any:
-    return jnp.dtype(model_cfg.get("dtype", "float32") or "float32")
+    return jnp.dtype(_required(model_cfg, "model", ("dtype",))[0] or "float32")
 
 
 def _as_input(images: Array, dtype) -> Array:
@@ -78,12 +79,29 @@ def _as_input(images: Array, dtype) -> Array:
     return images.astype(jnp.promote_types(images.dtype, dtype))
 
 
+def _required(section: Mapping[str, Any], name: str, keys: Sequence[str]) -> list:
+    """The values of ``keys`` in the config section ``name``. The config builders of
+    ``config_utils`` are the one source of every default; a missing key is an error, never a silent
+    fallback to some other default (mmseg's class defaults differ from the paper's)."""
+    missing = [k for k in keys if k not in section]
+    if missing:
+        raise ConfigError(f"{name} lacks {', '.join(missing)} (build model configs with "
+                          "hrdecoder_jax.config_utils.model_config)")
+    return [section[k] for k in keys]
+
+
 def _build_head(model_cfg, dtype, rngs) -> FCNHead:
-    h = model_cfg["decode_head"]
-    return FCNHead(in_channels=h["in_channels"], channels=h["channels"], num_classes=h.get("num_classes", 4),
-                   kernel_size=h.get("kernel_size", 3), num_convs=h.get("num_convs", 2),
-                   compress=h.get("compress", False), concat_input=h.get("concat_input", True),
-                   dropout_ratio=h.get("dropout_ratio", 0.1), dtype=dtype, rngs=rngs)
+    (in_channels, channels, num_classes, kernel_size, num_convs, compress, concat_input,
+     dropout_ratio) = _required(model_cfg["decode_head"], "model.decode_head", (
+        "in_channels", "channels", "num_classes", "kernel_size", "num_convs", "compress", "concat_input",
+        "dropout_ratio"))
+    return FCNHead(in_channels=in_channels, channels=channels, num_classes=num_classes,
+                   kernel_size=kernel_size, num_convs=num_convs, compress=compress,
+                   concat_input=concat_input, dropout_ratio=dropout_ratio, dtype=dtype, rngs=rngs)
+
+
+def _smooth(model_cfg) -> float:
+    return float(_required(model_cfg["decode_head"], "model.decode_head", ("loss_smooth",))[0])
 
 
 class FCNSegmentor(nnx.Module):
@@ -94,7 +112,7 @@ class FCNSegmentor(nnx.Module):
         self.dtype = dtype
         self.backbone = HRNet(model_cfg["backbone"]["extra"], dtype=dtype, rngs=rngs)
         self.decode_head = _build_head(model_cfg, dtype, rngs)
-        self.smooth = float(model_cfg["decode_head"].get("loss_smooth", 1e-5))
+        self.smooth = _smooth(model_cfg)
 
     def _logits(self, images: Array) -> Array:
         logits = self.decode_head(upsample_concat(self.backbone(_as_input(images, self.dtype))))
@@ -119,7 +137,9 @@ class HRDecoder(nnx.Module):
         self.dtype = dtype
         hr = model_cfg["hr_settings"]
         self.backbone = HRNet(model_cfg["backbone"]["extra"], dtype=dtype, rngs=rngs)
-        visual_dim = hr.get("visual_dim", None)
+        (hr_scale, ratio, divisible, crop_num, hr_loss_weight, lr_loss_weight, visual_dim) = _required(
+            hr, "model.hr_settings", ("hr_scale", "scale_ratio", "divisible", "crop_num", "hr_loss_weight",
+                                      "lr_loss_weight", "visual_dim"))
         if visual_dim:
             # Efficient-HRDecoder: a 1x1 ConvModule compresses the concatenated features.
             self.multiscale_compressor = ConvModule(sum(self.backbone.out_channels), int(visual_dim), 1,
@@ -128,14 +148,13 @@ class HRDecoder(nnx.Module):
             self.multiscale_compressor = None
         self.decode_head = _build_head(model_cfg, dtype, rngs)
         self.num_classes = self.decode_head.num_classes
-        self.hr_scale = _pair(hr["hr_scale"])
-        ratio = hr.get("scale_ratio", None)
+        self.hr_scale = _pair(hr_scale)
         self.scale_ratio = tuple(float(r) for r in ratio) if isinstance(ratio, (tuple, list)) else None
-        self.divisible = int(hr.get("divisible", 8))
-        self.crop_num = int(hr.get("crop_num", 4))
-        self.hr_loss_weight = float(hr.get("hr_loss_weight", 0.1))
-        self.lr_loss_weight = float(hr.get("lr_loss_weight", 0.0))
-        self.smooth = float(model_cfg["decode_head"].get("loss_smooth", 1e-5))
+        self.divisible = int(divisible)
+        self.crop_num = int(crop_num)
+        self.hr_loss_weight = float(hr_loss_weight)
+        self.lr_loss_weight = float(lr_loss_weight)
+        self.smooth = _smooth(model_cfg)
 
     # ------------------------------------------------------------------------------------------------
     # Shapes
