@@ -26,7 +26,7 @@ def get_config(variant: str = "hrdecoder"):
     config.optimizer.update(name="adamw", lr=2e-3, weight_decay=1e-4, warmup_steps=50)
     config.data = config_utils.synthetic_data_config(image_size=(512, 512), crop_size=(256, 256),
                                                      ratio_range=(0.5, 1.0))
-    config.data.cat_max_ratio = 1.0   # the re-draw loop almost never succeeds anyway (SPEC g)
+    config.data.cat_max_ratio = 1.0   # mmseg re-draws a crop up to 10 times while one class covers > cat_max_ratio; off here
     small = dict(width=18, num_modules=(1, 1, 1, 1), num_blocks=(1, 1, 1, 1), channels=32,
                  kernel_size=3)
     slide = dict(test_mode="slide", test_crop_size=(256, 256), test_stride=(128, 128))

@@ -1,6 +1,6 @@
 """Tiny HRDecoder (W18, one module and one block per stage) on 256 x 256 images, hr_scale 128.
 
-The architecture of the reference fixtures in ``../shared/fixtures/reference/tiny_w18_256_hr128_*``;
+The architecture of the reference fixtures in ``tests/fixtures/tiny_w18_256_hr128_*``;
 used by the tests and as a seconds-long smoke run on the tiny synthetic dataset:
 
   python -m hrdecoder_jax.train --config configs/tiny.py --workdir runs/tiny

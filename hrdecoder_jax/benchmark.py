@@ -31,7 +31,6 @@ one of the two functions (the train step's compilation is the slow one). Example
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -179,12 +178,27 @@ def _time(fn, repeats: int) -> list[float]:
 # ----------------------------------------------------------------------------------------------------
 
 
+def measure_throughput(ds, data_config, global_batch_size: int, num_batches: int, *,
+                       warmup_batches: int = 1, seed: int = 0) -> float:
+    """Samples per second of one process's training stream (process_count = 1).
+
+    The first ``warmup_batches`` (graph tracing, cache fill, i.e. decoding) are not timed.
+    """
+    from hrdecoder_jax.data import pipeline
+
+    it = pipeline.make_train_dataset(ds, data_config, global_batch_size=global_batch_size, seed=seed,
+                                     process_index=0, process_count=1)
+    for _ in range(warmup_batches):
+        next(it)
+    t0 = time.perf_counter()
+    for _ in range(num_batches):
+        next(it)
+    return num_batches * global_batch_size / (time.perf_counter() - t0)
+
+
 def measure_input(config, batch: int, num_batches: int = 3, data_dir: str | None = None) -> tuple[float, str]:
     """Samples/s of the training input pipeline at the config's crop size, and a note on the data used."""
-    import tensorflow as tf
-    tf.config.set_visible_devices([], "GPU")
     from hrdecoder_jax.data import load_split, synthetic_config
-    from hrdecoder_jax.data.bench_input import measure_throughput
 
     data_cfg = ml_collections.ConfigDict(config.data.to_dict())
     n = max(batch, 2)
@@ -413,62 +427,85 @@ def format_table(res: dict[str, Any]) -> str:
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Load ``configs/x.py[:variant]`` with ``--config.a.b=value`` overrides (ml_collections' parser)."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    argv = ["benchmark", f"--config={spec}", *overrides]
-    fv = flags.FlagValues()   # private: main() may run many times in one process (tests)
-    config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=False,
-                                    sys_argv=argv)   # the overrides to define come from argv, not sys.argv
-    fv(argv)
-    return fv.config
+    """Load ``configs/x.py[:variant]`` with ``--config.a.b=value`` overrides (``cli.load_config``)."""
+    from hrdecoder_jax import cli
+    return cli.load_config(spec, overrides)
 
 
-def _pair(text: str) -> tuple[int, int]:
-    parts = [int(p) for p in text.replace("x", ",").split(",")]
+def _pair(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    parts = [int(p) for p in str(text).replace("x", ",").split(",")]
     if len(parts) == 1:
         parts *= 2
     if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"expected H,W, got {text!r}")
+        raise ValueError(f"expected H,W, got {text!r}")
     return parts[0], parts[1]
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m hrdecoder_jax.benchmark",
-                                description=__doc__.splitlines()[0],
-                                epilog="Any --config.FIELD=VALUE is passed on as a config override.")
-    p.add_argument("--config", required=True, help="config file, e.g. configs/idrid.py or configs/ddr.py:fcn_hr")
-    p.add_argument("--what", default=",".join(DEFAULT_WHAT),
-                   help=f"comma-separated subset of {','.join(ALL)} (or {','.join(PARTS)})")
-    p.add_argument("--batch", type=int, default=1, help="training batch size (inference uses 1)")
-    p.add_argument("--image_size", type=_pair, default=None, help="H,W of both the training and inference image")
-    p.add_argument("--hr_scale", type=_pair, default=None, help="override model.hr_settings.hr_scale (S or H,W)")
-    p.add_argument("--width", type=int, default=None, help="override the HRNetV2 width (18, 32, 48)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions")
-    p.add_argument("--input_batches", type=int, default=3, help="timed batches of the input measurement")
-    p.add_argument("--data_dir", default=None, help="tfds data_dir for the input measurement")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    args, rest = p.parse_known_args(argv)
-    bad = [a for a in rest if not a.startswith("--config.")]
-    if bad:
-        p.error(f"unrecognized arguments: {' '.join(bad)}")
-    config = load_config(args.config, rest)
-    what = tuple(x.strip() for x in args.what.split(",") if x.strip())
+def define_flags(fv) -> None:
+    from absl import flags
+    flags.DEFINE_string("what", ",".join(DEFAULT_WHAT), f"Comma-separated subset of {','.join(ALL)} "
+                        f"(or {','.join(PARTS)}).", flag_values=fv)
+    flags.DEFINE_integer("batch", 1, "Training batch size (inference uses 1).", flag_values=fv)
+    flags.DEFINE_string("image_size", None, "H,W of both the training and the inference image.", flag_values=fv)
+    flags.DEFINE_string("hr_scale", None, "Override model.hr_settings.hr_scale (S or H,W).", flag_values=fv)
+    flags.DEFINE_integer("width", None, "Override the HRNetV2 width (18, 32, 48).", flag_values=fv)
+    flags.DEFINE_integer("repeats", 3, "Timed repetitions.", flag_values=fv)
+    flags.DEFINE_integer("input_batches", 3, "Timed batches of the input measurement.", flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "tfds data_dir for the input measurement.", flag_values=fv)
+    flags.DEFINE_string("json", None, "Also write the results to this JSON file.", flag_values=fv)
+    for name in ("image_size", "hr_scale"):
+        flags.register_validator(name, lambda v: v is None or _valid_pair(v), message=f"--{name} must be S or H,W",
+                                 flag_values=fv)
+    flags.register_validator("what", lambda v: not (set(w.strip() for w in v.split(",") if w.strip())
+                                                    - set(ALL) - set(PARTS)),
+                             message=f"--what takes a subset of {','.join(ALL + PARTS)}", flag_values=fv)
+
+
+def _valid_pair(text) -> bool:
+    try:
+        _pair(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _purpose(what: Sequence[str]) -> str:
+    """Time training with training's CPU options and inference with inference's (``runtime``)."""
+    return "inference" if set(what) <= {"infer", "memory_infer", "flops_infer"} else "train"
+
+
+def run(fv) -> int:
+    what = tuple(x.strip() for x in fv.what.split(",") if x.strip())
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({dev.platform}), {jax.device_count()} device(s); jax {jax.__version__}",
           flush=True)
-    res = run_benchmark(config, what=what, repeats=args.repeats, batch=args.batch, image_size=args.image_size,
-                        hr_scale=args.hr_scale, width=args.width, input_batches=args.input_batches,
-                        data_dir=args.data_dir, config_name=args.config + (" " + " ".join(rest) if rest else ""))
+    flag = fv["config"]
+    name = flag.config_filename + "".join(f" --config.{k}={v}" for k, v in (flag.override_values or {}).items())
+    res = run_benchmark(fv.config, what=what, repeats=fv.repeats, batch=fv.batch, image_size=_pair(fv.image_size),
+                        hr_scale=_pair(fv.hr_scale), width=fv.width, input_batches=fv.input_batches,
+                        data_dir=fv.data_dir, config_name=name)
     print(format_table(res))
-    if args.json:
-        with open(args.json, "w") as f:
+    if fv.json:
+        with open(fv.json, "w") as f:
             json.dump(res, f, indent=2)
             f.write("\n")
     print(json.dumps(res), flush=True)
-    return res
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m hrdecoder_jax.benchmark`` (``argv``: the arguments, without the program name)."""
+    from hrdecoder_jax import cli
+    argv = list(sys.argv[1:] if argv is None else argv)
+    what = next((a.split("=", 1)[1] for a in argv if a.startswith("--what=")), None)
+    if what is None and "--what" in argv[:-1]:
+        what = argv[argv.index("--what") + 1]
+    purpose = _purpose([w.strip() for w in (what or ",".join(DEFAULT_WHAT)).split(",") if w.strip()])
+    return cli.main("benchmark", __doc__, define_flags, run, argv, purpose=purpose)
 
 
 if __name__ == "__main__":
-    main()
+    from hrdecoder_jax.cli import exit_process
+    exit_process(main())

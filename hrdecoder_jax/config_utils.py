@@ -233,7 +233,7 @@ def synthetic_data_config(*, image_size=(512, 512), num_train: int = 48, num_tes
 
 
 def optimizer_config() -> ml_collections.ConfigDict:
-    """The reference schedule (SPEC h): SGD lr 0.01, momentum 0.9, coupled weight decay 5e-4 on every
+    """The reference schedule: SGD lr 0.01, momentum 0.9, coupled weight decay 5e-4 on every
     parameter, poly decay (power 1) to 0 with 1500 linear warm-up iterations from ratio 1e-6."""
     return ml_collections.ConfigDict(dict(
         name="sgd",                  # 'sgd' (reference) or 'adamw'
@@ -274,8 +274,43 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _check_pair(name: str, value, *, positive: bool = True) -> None:
+    """``value`` must be two numbers (H, W or W, H), positive ones when ``positive``."""
+    try:
+        ok = len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    except TypeError:
+        ok = False
+    if not ok or (positive and min(value) <= 0):
+        raise ConfigError(f"{name}={value!r} must be two {'positive ' if positive else ''}numbers, e.g. (512, 512)")
+
+
+def validate_data_config(data: ml_collections.ConfigDict) -> None:
+    """The shapes of the data settings (the pipeline would fail deep inside TensorFlow otherwise)."""
+    for name in ("crop_size", "img_scale", "test_scale"):
+        _check_pair(f"data.{name}", data[name])
+    if data.get("ratio_range") is not None:
+        _check_pair("data.ratio_range", data.ratio_range)
+        if data.ratio_range[0] > data.ratio_range[1]:
+            raise ConfigError(f"data.ratio_range={tuple(data.ratio_range)} must satisfy min <= max")
+    for name in ("mean", "std"):
+        if len(data[name]) != 3:
+            raise ConfigError(f"data.{name}={tuple(data[name])!r} needs one value per RGB channel")
+    if min(data.std) <= 0:
+        raise ConfigError(f"data.std={tuple(data.std)} must be positive")
+    if data.validate_on not in ("val", "test"):
+        raise ConfigError(f"data.validate_on must be 'val' or 'test', got {data.validate_on!r}")
+    if data.label_mode not in ("overwrite", "multilabel"):
+        raise ConfigError(f"data.label_mode must be 'overwrite' or 'multilabel', got {data.label_mode!r}")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Validate a whole training config (model against the data sizes). Raises ``ConfigError``."""
+    validate_data_config(config.data)
+    for name in ("total_steps", "log_every", "checkpoint_every"):
+        if config[name] < 1:
+            raise ConfigError(f"{name}={config[name]} must be >= 1")
+    if config.eval_every < 0:
+        raise ConfigError(f"eval_every={config.eval_every} must be >= 0 (0 disables validation)")
     if config.global_batch_size < 1:
         raise ConfigError(f"global_batch_size={config.global_batch_size} must be >= 1")
     if config.grad_accum_steps < 1 or config.global_batch_size % config.grad_accum_steps:

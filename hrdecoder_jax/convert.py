@@ -10,13 +10,14 @@ Names map mechanically because the Flax attributes mirror the mmseg module tree:
 ``backbone.stage2.0.branches.0.0.conv1.kernel`` is the tensor ``backbone.stage2.0.branches.0.0.conv1.weight``
 (OIHW -> HWIO), BN ``scale/bias/mean/var`` are ``weight/bias/running_mean/running_var``.
 
-  python -m hrdecoder_jax.convert --config configs/idrid.py --torch-checkpoint hrdecoder_idrid.pth --workdir runs/idrid
+  python -m hrdecoder_jax.convert --config configs/idrid.py --torch_checkpoint hrdecoder_idrid.pth --workdir runs/idrid
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import re
+import sys
 from typing import Any, Mapping
 
 import jax
@@ -80,8 +81,12 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such weight file")
         if path.endswith(".npz"):
-            with np.load(path, allow_pickle=False) as z:
-                raw: Mapping[str, Any] = {k: z[k] for k in z.files}
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    raw: Mapping[str, Any] = {k: z[k] for k in z.files}
+            except Exception as e:  # noqa: BLE001 - a truncated or foreign file: one line naming it
+                raise WeightImportError(f"{path}: not a readable .npz state_dict ({type(e).__name__}: "
+                                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
         else:
             try:
                 import torch
@@ -152,35 +157,52 @@ def load_torch_weights(model: nnx.Module, source: str | os.PathLike | Mapping[st
     return LoadReport(loaded=loaded, missing=missing, unexpected=unexpected, ignored=ignored)
 
 
-def main(argv=None) -> None:
-    """``python -m hrdecoder_jax.convert --config CONFIG --torch-checkpoint FILE --workdir DIR``."""
-    from absl import app, flags, logging
-    from ml_collections import config_flags
+MIN_LOADED_FRACTION = 0.5   # convert refuses a source that fills less than this share of the model's tensors
 
-    from hrdecoder_jax import checkpoint
+
+def define_flags(fv) -> None:
+    from absl import flags
+    flags.DEFINE_string("torch_checkpoint", None, "PyTorch .pth or .npz state_dict to import.", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "Directory that receives the Orbax checkpoint.", flag_values=fv)
+    flags.DEFINE_bool("strict", False, "Fail when any model tensor is missing or any source tensor unexpected.",
+                      flag_values=fv)
+    flags.DEFINE_bool("allow_partial", False, "Write the checkpoint even when the source fills fewer than "
+                      f"{MIN_LOADED_FRACTION:.0%} of the model's tensors (the rest stay randomly initialised).",
+                      flag_values=fv)
+    flags.mark_flags_as_required(["torch_checkpoint", "workdir"], flag_values=fv)
+
+
+def run(fv) -> int:
+    from hrdecoder_jax import checkpoint, cli
     from hrdecoder_jax.models import build_model
+    from hrdecoder_jax.workdir import WorkdirLock, check_writable
 
-    flags_ = flags.FLAGS
-    config_flags.DEFINE_config_file("config", None, "Config file (model section is used).", lock_config=True)
-    flags.DEFINE_string("torch_checkpoint", None, "PyTorch .pth or .npz state_dict to import.")
-    flags.DEFINE_string("workdir", None, "Directory that receives the Orbax checkpoint.")
-    flags.DEFINE_bool("strict", False, "Fail when any model tensor is missing or any source tensor unexpected.")
-    flags.mark_flags_as_required(["config", "torch_checkpoint", "workdir"])
+    workdir = check_writable(fv.workdir)                 # before reading anything
+    tensors = read_state_dict(fv.torch_checkpoint)
+    model = build_model(fv.config.model, rngs=nnx.Rngs(0))
+    report = load_torch_weights(model, tensors)
+    print(report.summary())
+    total = len(report.loaded) + len(report.missing)
+    if fv.strict and (report.missing or report.unexpected):
+        raise cli.CommandError(f"--strict: {len(report.missing)} missing and {len(report.unexpected)} unexpected keys "
+                               f"in {fv.torch_checkpoint}")
+    if len(report.loaded) < MIN_LOADED_FRACTION * total and not fv.allow_partial:
+        raise cli.CommandError(
+            f"{fv.torch_checkpoint} fills only {len(report.loaded)} of the model's {total} tensors (fewer than "
+            f"{MIN_LOADED_FRACTION:.0%}): not a checkpoint of this config's model? Nothing written; pass "
+            "--allow_partial to write it anyway")
+    with WorkdirLock(workdir, "convert"):
+        path = checkpoint.save_model(workdir, model, config=fv.config, source=os.path.basename(fv.torch_checkpoint))
+    print(f"wrote {path}")
+    return 0
 
-    def run(_):
-        config = flags_.config
-        model = build_model(config.model, rngs=nnx.Rngs(0))
-        report = load_torch_weights(model, flags_.torch_checkpoint)
-        logging.info("%s", report.summary())
-        print(report.summary())
-        if flags_.strict and (report.missing or report.unexpected):
-            raise SystemExit(f"--strict: {len(report.missing)} missing and {len(report.unexpected)} unexpected keys")
-        path = checkpoint.save_model(flags_.workdir, model, config=config,
-                                     source=os.path.basename(flags_.torch_checkpoint))
-        print(f"wrote {path}")
 
-    app.run(run, argv=argv)
+def main(argv=None) -> int:
+    """``python -m hrdecoder_jax.convert --config CONFIG --torch_checkpoint FILE --workdir DIR``."""
+    from hrdecoder_jax import cli
+    return cli.main("convert", __doc__, define_flags, run, argv, purpose="inference")
 
 
 if __name__ == "__main__":
-    main()
+    from hrdecoder_jax.cli import exit_process
+    exit_process(main())

@@ -113,13 +113,13 @@ def preprocess(image: np.ndarray, data_config) -> np.ndarray:
     evaluation pipeline's image path (cv2-style bilinear resize, uint8 re-quantisation, mean/std)."""
     import tensorflow as tf
 
-    from hrdecoder_jax.data import ops
+    from hrdecoder_jax.data import augment
 
     tw, th = (int(v) for v in data_config.test_scale)
-    img = ops.resize_bilinear(tf.constant(image), (th, tw))
+    img = augment.resize_bilinear(tf.constant(image), (th, tw))
     if data_config.get("quantize_uint8", True):
-        img = ops.quantize_uint8(img)
-    return ops.normalize(img, data_config.mean, data_config.std).numpy()[None]
+        img = augment.quantize_uint8(img)
+    return augment.normalize(img, data_config.mean, data_config.std).numpy()[None]
 
 
 def predict_probabilities(model_forward: Callable, image: np.ndarray, config) -> np.ndarray:
@@ -209,8 +209,8 @@ def predict_file(model_forward: Callable, path: str, config, out_dir: str, save_
 
 def predict_paths(model_forward: Callable, paths: list[str], config, out_dir: str, *, save_npy: bool = False,
                   log=None) -> tuple[list[str], list[str]]:
-    """``predict_file`` on each path; unreadable files are reported through ``log`` and skipped.
-    Returns ``(done, skipped)`` paths."""
+    """``predict_file`` on each path; unreadable files are reported through ``log`` and skipped (an error
+    writing the outputs stops). Returns ``(done, skipped)`` paths."""
     import time
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
@@ -219,7 +219,7 @@ def predict_paths(model_forward: Callable, paths: list[str], config, out_dir: st
         t0 = time.perf_counter()
         try:
             predict_file(model_forward, path, config, out_dir, save_npy=save_npy)
-        except (UnreadableImageError, OSError) as e:
+        except UnreadableImageError as e:     # writing errors are not the input's fault: they stop the run
             log(f"skipped {path}: {e}")
             skipped.append(path)
             continue
@@ -228,59 +228,40 @@ def predict_paths(model_forward: Callable, paths: list[str], config, out_dir: st
     return done, skipped
 
 
-def main(argv=None) -> int:
-    """Entry point of ``python -m hrdecoder_jax.predict``; returns (and, as a script, exits with) the status."""
+def define_flags(fv) -> None:
     from absl import flags
-    from ml_collections import config_flags
 
-    argv = list(sys.argv if argv is None else argv)
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "Config file (model and data sections).", flag_values=fv,
-                                    lock_config=False, sys_argv=argv)
-    flags.DEFINE_string("workdir", None, "Directory holding the Orbax checkpoint (training or convert).",
-                        flag_values=fv)
-    flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' or a step number.", flag_values=fv)
+    from hrdecoder_jax import cli
+    flags.DEFINE_string("workdir", None, "Directory holding the Orbax checkpoint (training or convert).", flag_values=fv)
+    cli.define_checkpoint_flag(fv)
     flags.DEFINE_string("input", None, "A photo, or a folder of JPEG/PNG/TIFF photos.", flag_values=fv)
     flags.DEFINE_string("output", None, "Folder for the outputs.", flag_values=fv)
     flags.DEFINE_bool("save_npy", False, "Also write <stem>_probs.npy (float32 [H, W, 4]).", flag_values=fv)
-    flags.mark_flags_as_required(["config", "workdir", "input", "output"], flag_values=fv)
-    try:
-        rest = fv(argv)
-    except flags.Error as e:
-        raise SystemExit(f"error: {e}") from None
-    if len(rest) > 1:
-        raise SystemExit(f"unexpected arguments: {' '.join(rest[1:])}")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    try:
-        import tensorflow as tf
+    flags.mark_flags_as_required(["workdir", "input", "output"], flag_values=fv)
 
-        tf.config.set_visible_devices([], "GPU")  # TF only resizes; leave the accelerators to JAX
-    except Exception:  # noqa: BLE001
-        pass
 
-    from hrdecoder_jax.checkpoint import CheckpointError
-    from hrdecoder_jax.evaluate import restore
+def run(fv) -> int:
+    from hrdecoder_jax import checkpoint, cli
     from hrdecoder_jax.inference import make_forward
 
-    try:
-        paths = list_inputs(fv.input)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}") from None
+    paths = list_inputs(fv.input)
     if not paths:
-        print(f"error: no JPEG/PNG/TIFF files in {fv.input}", file=sys.stderr)
-        return 1
-    which = int(fv.checkpoint) if fv.checkpoint.isdigit() else fv.checkpoint
-    try:
-        model, meta = restore(fv.config, fv.workdir, which)
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise cli.CommandError(f"no JPEG/PNG/TIFF files in {fv.input}")
+    out_dir = cli.check_writable_dir(fv.output, "--output")        # before any model runs
+    model, meta = checkpoint.restore_for_inference(fv.config, fv.workdir, cli.checkpoint_choice(fv.checkpoint))
     print(f"restored {fv.workdir} ({fv.checkpoint}, step {meta.get('step')})", file=sys.stderr, flush=True)
-    done, skipped = predict_paths(make_forward(model), paths, fv.config, os.path.expanduser(fv.output),
-                                  save_npy=fv.save_npy)
+    done, skipped = predict_paths(make_forward(model), paths, fv.config, out_dir, save_npy=fv.save_npy)
     print(f"wrote predictions of {len(done)} file(s) to {fv.output}"
           + (f"; skipped {len(skipped)} unreadable" if skipped else ""), flush=True)
     return 0 if done else 1
 
 
+def main(argv=None) -> int:
+    """``python -m hrdecoder_jax.predict`` (``argv``: the arguments, without the program name)."""
+    from hrdecoder_jax import cli
+    return cli.main("predict", __doc__, define_flags, run, argv, purpose="inference")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    from hrdecoder_jax.cli import exit_process
+    exit_process(main())

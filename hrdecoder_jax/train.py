@@ -1,22 +1,26 @@
 """Training: ``python -m hrdecoder_jax.train --config configs/idrid.py --workdir runs/idrid``.
 
-One jitted ``train_step`` for every random HR-crop draw (boxes drawn in-graph from ``fold_in(seed, step)``),
-the batch sharded over a ``data`` mesh axis spanning every device of every process (BN statistics are
-global: the reference's SyncBN), parameters and optimiser state replicated and donated. Orbax checkpoints
-(latest + best by validation mIoU), resumable exactly: the data order and augmentation are functions of
-(seed, step), the crop draws of (seed, step). SIGTERM saves and exits; a NaN/Inf loss stops with the step.
+The loop, top to bottom: validate the config, check and lock the workdir, open the data, build the model,
+``initial_state`` (the workdir's latest intact checkpoint > ``config.resume_from`` > ``config.init_from``,
+PyTorch weights or an Orbax workdir > random init), then the steps of ``train_step`` (one compiled function
+for every random crop draw, the batch sharded over every device of every process), validation, Orbax
+checkpoints (latest + best by validation mIoU) and finally the test evaluation.
 
-Init precedence: the workdir's latest checkpoint > ``config.resume_from`` > ``config.init_from`` (PyTorch
-``.pth``/``.npz`` through ``convert``, or an Orbax workdir) > random init.
+Resumable exactly: the data order, the augmentation and the crop draws are functions of (seed, step).
+SIGTERM and Ctrl-C save the current step and exit (143, 130). A NaN/Inf loss stops with the step. A finished
+run is not trained again: re-running its command prints the stored test results (computing them first if
+the run was stopped before its final evaluation) and exits 0.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import sys
-import tempfile
+import threading
 import time
 from typing import Any
 
@@ -29,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hrdecoder_jax import checkpoint, config_utils
 from hrdecoder_jax.models import build_model, count_params
+from hrdecoder_jax.workdir import WorkdirLock, check_writable
 from hrdecoder_jax.optim import learning_rate_schedule, make_optimizer
 from hrdecoder_jax.train_step import jit_train_step, make_mesh, make_train_step, merge_model, split_for_training
 
@@ -78,52 +83,127 @@ class MetricsLog:
             self.writer = None
 
 
-def _format_eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+def format_train_line(done: int, total: int, values: dict[str, float], rate: float, eta_s: float) -> str:
+    """The progress line: loss terms, learning rate, images/s and the time left."""
+    terms = "  ".join(f"{k} {values[k]:.4f}" for k in ("total", "fuse", "hr", "lr", "seg") if k in values)
+    eta_s = int(max(eta_s, 0))
+    eta = f"{eta_s // 3600:d}:{eta_s % 3600 // 60:02d}:{eta_s % 60:02d}"
+    return f"[train] step {done}/{total}  {terms}  lr {values['learning_rate']:.2e}  {rate:.2f} img/s  eta {eta}"
 
 
-def _check_workdir(workdir: str) -> None:
-    """Fail at once, in one line, when ``workdir`` cannot be written. Every process of a multi-process run
-    probes with a file of its own: a shared name let one process delete another's probe mid-check."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test.", delete=True) as f:
-            f.write(b"ok")
-    except OSError as e:
-        raise SystemExit(f"workdir {workdir} is not writable ({e.strerror}); choose another --workdir") from None
+# ----------------------------------------------------------------------------------------------------
+# Where training starts: the init precedence
+# ----------------------------------------------------------------------------------------------------
 
 
-def _initialise(model, config, workdir: str, ckpt: checkpoint.Checkpointer) -> tuple[str, Any]:
-    """Apply the init precedence; returns (what was done, restored checkpoint dict or None)."""
-    if ckpt.latest_step() is not None:
-        return f"resuming from {workdir} step {ckpt.latest_step()}", "latest"
+@dataclasses.dataclass
+class Start:
+    """The state training starts from and where it came from (one line for the log)."""
+
+    structure: Any
+    params: dict
+    rest: dict
+    opt_state: Any
+    step: int
+    best_miou: float
+    origin: str
+
+
+def _restore_latest(model, tx, source: checkpoint.Checkpointer, say) -> tuple[dict, int] | None:
+    """The newest intact training checkpoint of ``source`` (a corrupt one is moved to ``corrupt/`` with a
+    notice and the previous one tried), or None when there is none."""
+    target = checkpoint.model_state(model)
+    _, params, _ = split_for_training(model)
+    opt_target = tx.init(params)
+    for step in source.steps():
+        try:
+            return source.restore(step, model_target=target, opt_state_target=opt_target), step
+        except checkpoint.CheckpointCorruptError as e:
+            say(f"[resume] {e}; falling back to the previous checkpoint")
+            if jax.process_index() == 0:
+                corrupt = os.path.join(source.workdir, "corrupt", str(step))
+                os.makedirs(os.path.dirname(corrupt), exist_ok=True)
+                shutil.move(os.path.join(source.workdir, checkpoint.LATEST_DIR, str(step)), corrupt)
+                say(f"[resume] moved the corrupt step to {corrupt}")
+            source.reload()
+    return None
+
+
+def initial_state(model, tx, config, workdir: str, ckpt: checkpoint.Checkpointer, say=print) -> Start:
+    """Apply the init precedence: the workdir's latest intact checkpoint > ``config.resume_from`` (another
+    run's workdir) > ``config.init_from`` (PyTorch ``.pth``/``.npz`` or an Orbax workdir) > random init."""
+    sources = [("workdir", ckpt)]
     if config.resume_from:
-        if not os.path.isdir(os.path.join(os.path.expanduser(config.resume_from), checkpoint.LATEST_DIR)):
-            raise SystemExit(f"config.resume_from={config.resume_from}: no '{checkpoint.LATEST_DIR}' folder of a "
-                             "training run there; point it at the workdir of the run to continue")
-        return f"resuming from {config.resume_from}", "resume_from"
+        src = os.path.expanduser(config.resume_from)
+        if not os.path.isdir(os.path.join(src, checkpoint.LATEST_DIR)):
+            raise config_utils.ConfigError(f"config.resume_from={config.resume_from}: no '{checkpoint.LATEST_DIR}' "
+                                           "folder of a training run there; point it at the workdir of the run")
+        sources.append(("resume_from", checkpoint.Checkpointer(src, keep_best=False)))
+    had_checkpoints = bool(ckpt.steps())
+    for kind, source in sources:
+        found = _restore_latest(model, tx, source, say)
+        if found is None:
+            if kind == "workdir" and had_checkpoints:
+                raise checkpoint.CheckpointError(f"{workdir}: no intact checkpoint left (every one was corrupt); "
+                                                 "move the workdir away to start again")
+            if kind == "resume_from":
+                raise checkpoint.CheckpointError(f"config.resume_from={config.resume_from}: no intact checkpoint")
+            continue
+        restored, step = found
+        checkpoint.load_model_state(model, restored["model"])
+        structure, params, rest = split_for_training(model)
+        meta = restored["meta"]
+        origin = (f"resuming from {workdir} step {step}" if kind == "workdir"
+                  else f"resuming from {config.resume_from} step {step}")
+        return Start(structure, params, rest, restored["opt_state"], int(meta["step"]),
+                     float(meta.get("best_miou", -1.0)), origin)
+    origin = "random init"
     if config.init_from:
         src = os.path.expanduser(config.init_from)
         if os.path.isdir(src):
             try:
                 meta = checkpoint.restore_model(src, model)
             except checkpoint.CheckpointError as e:
-                raise SystemExit(f"config.init_from: {e}") from None
-            return f"initialised from Orbax checkpoint {src} (step {meta.get('step')})", None
-        from hrdecoder_jax.convert import WeightImportError, load_torch_weights
-        try:
-            report = load_torch_weights(model, src)
-        except (WeightImportError, FileNotFoundError) as e:
-            raise SystemExit(f"config.init_from: {e}") from None
-        logging.info("init_from %s: %s", src, report.summary())
-        return f"initialised from PyTorch weights {src}: {report.summary()}", None
-    return "random init", None
+                raise checkpoint.CheckpointError(f"config.init_from: {e}") from None
+            origin = f"initialised from Orbax checkpoint {src} (step {meta.get('step')})"
+        else:
+            from hrdecoder_jax.convert import WeightImportError, load_torch_weights
+            try:
+                report = load_torch_weights(model, src)
+            except (WeightImportError, FileNotFoundError) as e:
+                raise WeightImportError(f"config.init_from: {e}") from None
+            origin = f"initialised from PyTorch weights {src}: {report.summary()}"
+    structure, params, rest = split_for_training(model)
+    return Start(structure, params, rest, tx.init(params), 0, -1.0, origin)
 
 
 # ----------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------
+
+
+class _StopSignals:
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) end the run after the current step, with a checkpoint."""
+
+    EXIT = {signal.SIGTERM: 143, signal.SIGINT: 130}
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.EXIT:
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final_eval: bool = True,
@@ -133,180 +213,207 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final
     ``stop_after``: end this run after that many steps with a checkpoint, as a preemption would (the
     schedule still spans ``total_steps``; running again resumes). For tests and time-sliced clusters.
     """
-    from hrdecoder_jax import evaluate as evaluation
-    from hrdecoder_jax.data import pipeline
-
     config_utils.validate_config(config)
-    workdir = os.path.abspath(os.path.expanduser(workdir))
-    _check_workdir(workdir)
+    workdir = check_writable(workdir)
+    lock = WorkdirLock(workdir, "train") if jax.process_index() == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _train(config, workdir, final_eval=final_eval, stop_after=stop_after)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+class _Run:
+    """The state of one training run and what is done with it: checkpoints, validation, evaluation."""
+
+    def __init__(self, config, workdir: str, start: Start, ckpt: checkpoint.Checkpointer, log: "MetricsLog",
+                 mesh, val_ds, say):
+        self.config, self.workdir, self.ckpt, self.log, self.val_ds, self.say = config, workdir, ckpt, log, val_ds, say
+        self.structure, self.best_miou = start.structure, start.best_miou
+        self.params, self.rest, self.opt_state = jax.device_put((start.params, start.rest, start.opt_state),
+                                                                NamedSharding(mesh, P()))
+
+    def model(self) -> nnx.Module:
+        m = merge_model(self.structure, self.params, self.rest)
+        m.eval()
+        return m
+
+    def save(self, step: int, force: bool = False) -> None:
+        meta = {"step": step, "best_miou": self.best_miou, "model_type": self.config.model.type}
+        self.ckpt.save(step, model=checkpoint.model_state(self.model()), opt_state=self.opt_state, meta=meta,
+                       force=force)
+
+    def validate(self, step: int) -> None:
+        from hrdecoder_jax.evaluation import evaluate
+        m = self.model()
+        res = evaluate(m, self.config, dataset=self.val_ds, progress=False)
+        values = {k: float(res[k]) for k in ("mIoU", "mAUPR", "mF1")}
+        values.update({f"IoU_{n}": float(v) for n, v in zip(("EX", "HE", "SE", "MA"), res["IoU"])})
+        self.log.write(step, "val", values)
+        self.say(f"[val] step {step}: mIoU {100 * values['mIoU']:.2f}  mAUPR {100 * values['mAUPR']:.2f}")
+        if values["mIoU"] > self.best_miou:
+            self.best_miou = values["mIoU"]
+            self.ckpt.save_best(step, model=checkpoint.model_state(m),
+                                meta={"step": step, "mIoU": self.best_miou, "model_type": self.config.model.type})
+
+    def validated(self, step: int) -> bool:
+        """Whether the metrics log holds a validation of ``step`` (a finished run's last one)."""
+        path = os.path.join(self.workdir, "metrics.jsonl")
+        if not os.path.exists(path):
+            return False
+        with open(path) as f:
+            return any('"kind": "val"' in line and json.loads(line).get("step") == step for line in f)
+
+
+def _train(config, workdir: str, *, final_eval: bool, stop_after: int | None) -> dict:
+    from hrdecoder_jax.data import open_split, pipeline
+
     is_main = jax.process_index() == 0
-    n_dev, n_proc = jax.device_count(), jax.process_count()
+    say = (lambda line: print(line, flush=True)) if is_main else (lambda line: None)
+    n_dev = jax.device_count()
     if config.global_batch_size % n_dev:
         raise config_utils.ConfigError(
             f"global_batch_size={config.global_batch_size} does not divide over {n_dev} devices")
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-    logging.info("process %d/%d, %d devices (%s)", jax.process_index(), n_proc, n_dev, jax.devices()[0].platform)
-
+    logging.info("process %d/%d, %d devices (%s)", jax.process_index(), jax.process_count(), n_dev,
+                 jax.devices()[0].platform)
     mesh = make_mesh()
-    data_sharding = NamedSharding(mesh, P("data"))
-    replicated = NamedSharding(mesh, P())
 
-    # Data: train/val split of the training split (or the reference's validation on test).
-    try:
-        train_ds = evaluation.open_split(config.data, "train")
-    except Exception as e:  # noqa: BLE001 - dataset errors already name the folder; say what to do
-        raise SystemExit(f"cannot open the training data of '{config.data.name}': {e}\n"
-                         "Set --config.data.manual_dir to the downloaded dataset (see README, Datasets).") from None
-    train_ds, val_ds = pipeline.split_train_val(train_ds, config.data, test_ds=None)
+    # Data: the training split (less the held-out validation images), or the reference's test validation.
+    train_ds, val_ds = pipeline.split_train_val(open_split(config.data, "train"), config.data, test_ds=None)
     if config.data.validate_on == "test":
-        val_ds = evaluation.open_split(config.data, config.eval.split)
+        val_ds = open_split(config.data, config.eval.split)
 
-    # Model, optimiser, checkpoints.
+    # Model, optimiser, checkpoints, and where training starts.
     model = build_model(config.model, rngs=nnx.Rngs(config.seed))
     logging.info("model %s: %s parameters", config.model.type, f"{count_params(model):,}")
     tx = make_optimizer(config.optimizer, config.total_steps)
     ckpt = checkpoint.Checkpointer(workdir, keep_best=config.keep_best)
-    how, restore_kind = _initialise(model, config, workdir, ckpt)
-    structure, params, rest = split_for_training(model)
-    opt_state = tx.init(params)
-    start_step, best_miou = 0, -1.0
-    if restore_kind is not None:
-        source = ckpt if restore_kind == "latest" else checkpoint.Checkpointer(
-            os.path.expanduser(config.resume_from), keep_best=False)
-        step = source.latest_step()
-        if step is None:
-            raise SystemExit(f"config.resume_from={config.resume_from}: no checkpoint there")
-        try:
-            restored = source.restore(step, model_target=checkpoint.model_state(model), opt_state_target=opt_state)
-        except Exception as e:  # noqa: BLE001
-            raise SystemExit(f"cannot resume from {source.workdir} step {step}: {checkpoint._first_line(e)} "
-                             "(a checkpoint of another architecture?)") from None
-        checkpoint.load_model_state(model, restored["model"])
-        structure, params, rest = split_for_training(model)
-        opt_state = restored["opt_state"]
-        start_step = int(restored["meta"]["step"])
-        best_miou = float(restored["meta"].get("best_miou", -1.0))
-    logging.info("%s", how)
-    if is_main:
-        print(f"[init] {how}", flush=True)
+    start = initial_state(model, tx, config, workdir, ckpt, say)
+    say(f"[init] {start.origin}")
+    log = MetricsLog(workdir, is_main)
+    run = _Run(config, workdir, start, ckpt, log, mesh, val_ds, say)
+    result: dict = {"train": {}, "steps": config.total_steps, "seconds": 0.0}
+    try:
+        if start.step >= config.total_steps:
+            say(f"[done] the run in {workdir} already finished step {config.total_steps}; not training again")
+            if config.eval_every and not run.validated(config.total_steps):
+                run.validate(config.total_steps)        # it was stopped between its last save and validation
+        else:
+            result = _loop(run, tx, mesh, train_ds, start.step, stop_after)
+            if result.get("stopped"):
+                return result
+        ckpt.wait()
+    finally:
+        ckpt.wait()
+        log.close()
+    if final_eval:
+        result["test"] = _final_evaluation(run, finished_before=start.step >= config.total_steps)
+    ckpt.close()
+    return result
 
-    params, rest, opt_state = jax.device_put((params, rest, opt_state), replicated)
-    step_fn = make_train_step(structure, tx, seed=config.seed, grad_accum_steps=config.grad_accum_steps)
-    jit_step = jit_train_step(step_fn, mesh)
 
+def _final_evaluation(run: _Run, *, finished_before: bool) -> dict:
+    """The test metrics of the final model: computed once and stored in ``metrics_<split>.json``; a re-run
+    of a finished run prints the stored ones."""
+    from hrdecoder_jax.evaluation import evaluate, jsonable
+    from hrdecoder_jax.metrics import format_table
+
+    config = run.config
+    path = os.path.join(run.workdir, f"metrics_{config.eval.split}.json")
+    if finished_before and os.path.exists(path):
+        res = _read_results(path)
+        run.say(f"\nTest metrics ({config.eval.split} split, step {config.total_steps}; stored in {path}):")
+    else:
+        res = evaluate(run.model(), config, split=config.eval.split, max_images=config.eval.max_images)
+        if jax.process_index() == 0:
+            with open(path + ".tmp", "w") as f:
+                json.dump(jsonable(res), f, indent=2)
+            os.replace(path + ".tmp", path)            # never a half-written results file
+        run.say(f"\nTest metrics ({config.eval.split} split, step {config.total_steps}):")
+    run.say(format_table(res).rstrip("\n"))
+    return res
+
+
+def _read_results(path: str) -> dict:
+    """A stored ``metrics_<split>.json`` with NaN restored (JSON has none)."""
+    import numpy as np
+    with open(path) as f:
+        raw = json.load(f)
+
+    def value(v):
+        if v is None:
+            return np.nan
+        if isinstance(v, list) and v and all(x is None or isinstance(x, (int, float)) for x in v):
+            return np.asarray([np.nan if x is None else x for x in v], np.float64)
+        return v
+
+    return {k: value(v) for k, v in raw.items()}
+
+
+def _loop(run: _Run, tx, mesh, train_ds, start_step: int, stop_after: int | None) -> dict:
+    """The training steps from ``start_step`` to ``config.total_steps``, or to a stop (signal, ``stop_after``)."""
+    from hrdecoder_jax.data import pipeline
+
+    config, ckpt, say = run.config, run.ckpt, run.say
+    data_sharding = NamedSharding(mesh, P("data"))
+    jit_step = jit_train_step(make_train_step(run.structure, tx, seed=config.seed,
+                                              grad_accum_steps=config.grad_accum_steps), mesh)
     batches = pipeline.make_train_dataset(
         train_ds, config.data, global_batch_size=config.global_batch_size, seed=config.seed,
-        start_step=start_step, process_index=jax.process_index(), process_count=n_proc)
-
-    stop = {"signal": None}
-
-    def on_signal(signum, _frame):
-        stop["signal"] = signum
-
-    old_handler = signal.signal(signal.SIGTERM, on_signal) if threading_is_main() else None
-    log = MetricsLog(workdir, is_main)
+        start_step=start_step, process_index=jax.process_index(), process_count=jax.process_count())
     schedule = learning_rate_schedule(config.optimizer, config.total_steps)
     label_key = "masks" if config.data.label_mode == "multilabel" else "label"
-
-    def current_model():
-        return merge_model(structure, params, rest)
-
-    def save(step: int, force: bool = False):
-        meta = {"step": step, "best_miou": best_miou, "model_type": config.model.type}
-        ckpt.save(step, model=checkpoint.model_state(current_model()), opt_state=opt_state, meta=meta, force=force)
-
-    def validate(step: int):
-        nonlocal best_miou
-        m = current_model()
-        m.eval()
-        res = evaluation.evaluate(m, config, dataset=val_ds, progress=False)
-        values = {k: float(res[k]) for k in ("mIoU", "mAUPR", "mF1")}
-        values.update({f"IoU_{n}": float(v) for n, v in zip(("EX", "HE", "SE", "MA"), res["IoU"])})
-        log.write(step, "val", values)
-        if is_main:
-            print(f"[val] step {step}: mIoU {100 * values['mIoU']:.2f}  mAUPR {100 * values['mAUPR']:.2f}", flush=True)
-        if values["mIoU"] > best_miou:
-            best_miou = values["mIoU"]
-            ckpt.save_best(step, model=checkpoint.model_state(m),
-                           meta={"step": step, "mIoU": best_miou, "model_type": config.model.type})
-
-    last = {}
-    t0, t_log, steps_since = _now(), _now(), 0
-    step = start_step
-    try:
+    last: dict = {}
+    t0 = t_log = time.perf_counter()
+    steps_since = 0
+    with _StopSignals() as stop:
         for step in range(start_step, config.total_steps):
             batch = next(batches)
             images = jax.make_array_from_process_local_data(data_sharding, batch["image"])
             labels = jax.make_array_from_process_local_data(data_sharding, batch[label_key])
-            params, rest, opt_state, metrics = jit_step(params, rest, opt_state, jnp.int32(step), images, labels)
+            run.params, run.rest, run.opt_state, metrics = jit_step(run.params, run.rest, run.opt_state,
+                                                                    jnp.int32(step), images, labels)
             total, grad_norm = (float(v) for v in jax.device_get((metrics["total"], metrics["grad_norm"])))
             if not (math.isfinite(total) and math.isfinite(grad_norm)):
                 raise FloatingPointError(f"loss {total}, gradient norm {grad_norm} at step {step + 1}; stopping. "
-                                         f"The last good checkpoint in {workdir} is kept "
+                                         f"The last good checkpoint in {run.workdir} is kept "
                                          f"(step {ckpt.latest_step()}).")
+            ckpt.check_for_errors()              # a failed background save (a full disk) stops the run now
             steps_since += 1
             done = step + 1
             if done % config.log_every == 0 or done == config.total_steps:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 values["learning_rate"] = float(schedule(step))
-                now = _now()
+                now = time.perf_counter()
                 rate = steps_since * config.global_batch_size / (now - t_log)
                 values["images_per_s"] = rate
-                eta = (config.total_steps - done) * config.global_batch_size / max(rate, 1e-9)
                 last = values
-                log.write(done, "train", values)
-                if is_main:
-                    terms = "  ".join(f"{k} {values[k]:.4f}" for k in ("total", "fuse", "hr", "lr", "seg")
-                                      if k in values)
-                    print(f"[train] step {done}/{config.total_steps}  {terms}  lr {values['learning_rate']:.2e}  "
-                          f"{rate:.2f} img/s  eta {_format_eta(eta)}", flush=True)
+                run.log.write(done, "train", values)
+                say(format_train_line(done, config.total_steps, values, rate,
+                                      (config.total_steps - done) * config.global_batch_size / max(rate, 1e-9)))
                 t_log, steps_since = now, 0
             if config.eval_every and done % config.eval_every == 0 and done < config.total_steps:
-                validate(done)
+                run.validate(done)
             if done % config.checkpoint_every == 0 or done == config.total_steps:
-                save(done)
+                run.save(done)
             if stop_after is not None and done - start_step >= stop_after and done < config.total_steps:
-                save(done, force=True)
+                run.save(done, force=True)
                 ckpt.wait()
-                ckpt.close()
                 return {"train": last, "steps": done, "stopped": True}
-            if stop["signal"] is not None:
-                logging.warning("signal %s: saving step %d and exiting", stop["signal"], done)
-                save(done, force=True)
+            if stop.received is not None:
+                logging.warning("signal %s: saving step %d and exiting", stop.received, done)
+                run.save(done, force=True)
                 ckpt.wait()
-                if is_main:
-                    print(f"[stop] received signal {stop['signal']}; saved step {done}", flush=True)
-                raise SystemExit(143)
-        if config.eval_every:
-            validate(config.total_steps)
-        ckpt.wait()
-    finally:
-        ckpt.wait()
-        log.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
-
-    result = {"train": last, "steps": config.total_steps, "seconds": _now() - t0}
-    if final_eval:
-        m = current_model()
-        m.eval()
-        res = evaluation.evaluate(m, config, split=config.eval.split, max_images=config.eval.max_images)
-        if is_main:
-            from hrdecoder_jax.metrics import format_table
-            print(f"\nTest metrics ({config.eval.split} split, step {config.total_steps}):")
-            print(format_table(res), flush=True)
-            with open(os.path.join(workdir, f"metrics_{config.eval.split}.json"), "w") as f:
-                json.dump(evaluation.jsonable(res), f, indent=2)
-        result["test"] = res
-    ckpt.close()
-    return result
-
-
-def threading_is_main() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
+                say(f"[stop] received signal {stop.received}; saved step {done}")
+                raise SystemExit(_StopSignals.EXIT[stop.received])
+    if config.eval_every:
+        run.validate(config.total_steps)
+    return {"train": last, "steps": config.total_steps, "seconds": time.perf_counter() - t0}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -314,48 +421,43 @@ def threading_is_main() -> bool:
 # ----------------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> None:
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:variant]).",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the resolved config.")
+def define_flags(fv) -> None:
+    from absl import flags
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the resolved config.", flag_values=fv)
+    flags.mark_flag_as_required("workdir", flag_values=fv)
     flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for multi-process runs "
-                        "(SLURM is detected automatically).")
-    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
-    flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
-    flags.DEFINE_integer("num_cpu_devices", None, "Fake CPU devices per process (testing sharding on a CPU).")
-    flags.mark_flags_as_required(["config", "workdir"])
-    FLAGS = flags.FLAGS
+                        "(SLURM is detected automatically).", flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).", flag_values=fv)
+    flags.DEFINE_integer("num_cpu_devices", None, "Fake CPU devices per process (testing sharding on a CPU).",
+                         flag_values=fv)
 
-    def run(_):
-        if not FLAGS["verbosity"].present:   # Orbax logs every save at INFO; our progress lines are printed
-            logging.set_verbosity(logging.WARNING)
-        # TensorFlow (tf.data) must never take GPU memory.
-        import tensorflow as tf
-        tf.config.set_visible_devices([], "GPU")
-        if FLAGS.num_cpu_devices:
-            jax.config.update("jax_num_cpu_devices", FLAGS.num_cpu_devices)
-        if FLAGS.coordinator_address or (FLAGS.num_processes or 1) > 1:
-            jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                                       num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-        elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-            jax.distributed.initialize()   # coordinator, process count and id from the SLURM environment
-        if jax.process_count() > 1:
-            # Set up the collectives while every process stands right behind initialize(): the CPU (gloo)
-            # context waits only 30 s for peers, and later barriers can come minutes apart on a busy host.
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices("hrdecoder_jax.train:start")
-        logging.info("JAX %s, process %d of %d, local devices %s", jax.__version__, jax.process_index(),
-                     jax.process_count(), jax.local_devices())
-        try:
-            train_and_evaluate(FLAGS.config, FLAGS.workdir)
-        except (config_utils.ConfigError, FloatingPointError) as e:
-            raise SystemExit(f"error: {e}") from None
 
-    app.run(run, argv=argv)
+def run(fv) -> int:
+    if fv.num_cpu_devices:
+        jax.config.update("jax_num_cpu_devices", fv.num_cpu_devices)
+    if fv.coordinator_address or (fv.num_processes or 1) > 1:
+        jax.distributed.initialize(coordinator_address=fv.coordinator_address, num_processes=fv.num_processes,
+                                   process_id=fv.process_id)
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        jax.distributed.initialize()   # coordinator, process count and id from the SLURM environment
+    if jax.process_count() > 1:
+        # Set up the collectives while every process stands right behind initialize(): the CPU (gloo)
+        # context waits only 30 s for peers, and later barriers can come minutes apart on a busy host.
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("hrdecoder_jax.train:start")
+    logging.info("JAX %s, process %d of %d, local devices %s", jax.__version__, jax.process_index(),
+                 jax.process_count(), jax.local_devices())
+    train_and_evaluate(fv.config, fv.workdir)
+    return 0
+
+
+def main(argv=None) -> int:
+    """``python -m hrdecoder_jax.train`` (``argv``: the arguments, without the program name)."""
+    from hrdecoder_jax import cli
+    return cli.main("train", __doc__, define_flags, run, argv, purpose="train")
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    from hrdecoder_jax.cli import exit_process
+    exit_process(main())

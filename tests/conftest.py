@@ -19,3 +19,13 @@ FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 @pytest.fixture(scope="session")
 def fixtures_dir() -> pathlib.Path:
     return FIXTURES
+
+
+def pytest_configure(config):
+    """One persistent compilation cache for the session: the many small training runs of the tests compile
+    the same programs (a subprocess inherits it through the environment)."""
+    import tempfile
+    cache = os.environ.setdefault("HRDECODER_JAX_CACHE", os.path.join(tempfile.gettempdir(), "hrdecoder_jax_test_xla"))
+    import jax
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -84,16 +84,17 @@ def test_flops_fcn_vs_hrdecoder(tiny_result):
 
 def test_cli_infer(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    res = benchmark.main(["--config", str(REPO / "configs/tiny.py"), "--what", "infer", "--repeats", "1",
-                          "--hr_scale", "64", "--image_size", "128,128", "--config.model.test_cfg.mode=whole",
-                          "--json", str(out)])
+    assert benchmark.main(["--config", str(REPO / "configs/tiny.py"), "--what", "infer", "--repeats", "1",
+                           "--hr_scale", "64", "--image_size", "128,128", "--config.model.test_cfg.mode=whole",
+                           "--json", str(out)]) == 0
     stdout = capsys.readouterr().out
     assert "device:" in stdout and "infer_images_per_s" in stdout
-    assert json.loads(stdout.strip().splitlines()[-1]) == json.loads(out.read_text())
+    res = json.loads(out.read_text())
+    assert json.loads(stdout.strip().splitlines()[-1]) == res
     assert res["hr_scale"] == [64, 64] and res["infer_image_size"] == [128, 128]
     assert res["infer_median_s"] > 0 and "train_step_median_s" not in res
-    with pytest.raises(SystemExit):
-        benchmark.main(["--config", str(REPO / "configs/tiny.py"), "--bogus"])
+    assert benchmark.main(["--config", str(REPO / "configs/tiny.py"), "--bogus"]) == 2
+    assert "bogus" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("spec", CONFIG_SPECS)
@@ -121,7 +122,7 @@ def test_with_width():
     assert eff.decode_head.in_channels == 256   # the compressor's visual_dim, not the backbone width
 
 
-def test_configs_and_benchmark_need_no_tensorflow():
+def test_configs_and_benchmark_need_no_tensorflow(tmp_path):
     """GPU images and notebooks often lack TensorFlow: the configs, the model and the benchmark's
     model measurements import without it (only the data pipeline and ``--what input`` need it)."""
     code = (
@@ -134,11 +135,13 @@ def test_configs_and_benchmark_need_no_tensorflow():
         "from hrdecoder_jax import benchmark\n"
         f"for spec in {CONFIG_SPECS!r}:\n"
         f"    benchmark.load_config({str(REPO)!r} + '/' + spec)\n"
-        f"res = benchmark.main(['--config', {str(REPO / 'configs' / 'tiny.py')!r}, '--what', 'flops_infer'])\n"
-        "assert res['infer_flops_per_image'] > 0\n"
+        f"assert benchmark.main(['--config', {str(REPO / 'configs' / 'tiny.py')!r}, '--what', 'flops_infer', "
+        "'--json', 'bench.json']) == 0\n"
+        "import json\n"
+        "assert json.load(open('bench.json'))['infer_flops_per_image'] > 0\n"
         "assert not any(m.split('.')[0] in ('tensorflow', 'tensorflow_datasets') for m in sys.modules)\n"
         "print('ok')\n")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
 

@@ -13,8 +13,8 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 import hrdecoder_jax.data as D
-from hrdecoder_jax.data import masks as M
-from hrdecoder_jax.data.write_layout import main as write_layout_main, write_layout
+from hrdecoder_jax.data import manual as M
+from hrdecoder_jax.tools.write_layout import main as write_layout_main, write_layout
 
 H, W = 64, 96
 SEED = 7

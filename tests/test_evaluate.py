@@ -63,10 +63,10 @@ def tiny_config(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def restored(workdir, tiny_config):
-    from hrdecoder_jax.evaluate import restore
+    from hrdecoder_jax.checkpoint import restore_for_inference
     from hrdecoder_jax.inference import make_forward
 
-    model, meta = restore(tiny_config, str(workdir), "latest")
+    model, meta = restore_for_inference(tiny_config, str(workdir), "latest")
     return model, make_forward(model), meta
 
 
@@ -147,7 +147,9 @@ def test_slide_inference_averages_overlapping_window_logits():
 
 def test_evaluate_streams_and_matches_direct_metrics(restored, tiny_config, tmp_path):
     from hrdecoder_jax.data.pipeline import make_eval_dataset
-    from hrdecoder_jax.evaluate import evaluate, open_split, write_outputs
+    from hrdecoder_jax.data import open_split
+    from hrdecoder_jax.evaluate import write_outputs
+    from hrdecoder_jax.evaluation import evaluate
     from hrdecoder_jax.inference import inference, probabilities
     from hrdecoder_jax.metrics import lesion_metrics, trapezoid_auc
 
@@ -193,9 +195,9 @@ def test_evaluate_streams_and_matches_direct_metrics(restored, tiny_config, tmp_
 def test_evaluate_command_on_saved_checkpoint(workdir, tiny_config, capsys):
     from hrdecoder_jax import evaluate as evaluation
 
-    evaluation.main(["evaluate", "--config", TINY, "--workdir", str(workdir), "--checkpoint", "latest",
-                     f"--config.data.data_dir={tiny_config.data.data_dir}", "--config.eval.max_images=1",
-                     "--noprogress"])
+    assert evaluation.main(["--config", TINY, "--workdir", str(workdir), "--checkpoint", "latest",
+                            f"--config.data.data_dir={tiny_config.data.data_dir}", "--config.eval.max_images=1",
+                            "--noprogress"]) == 0
     out = capsys.readouterr().out
     assert "Class" in out and "mean" in out and "MAE(e-2)" in out
     out_dir = workdir / "eval_test_0"
@@ -204,8 +206,9 @@ def test_evaluate_command_on_saved_checkpoint(workdir, tiny_config, capsys):
     assert (out_dir / "pr_curves.png").stat().st_size > 1000
     assert len((out_dir / "per_image.csv").read_text().strip().splitlines()) == 2
 
-    with pytest.raises(SystemExit, match="no checkpoint for step 7"):
-        evaluation.main(["evaluate", "--config", TINY, "--workdir", str(workdir), "--checkpoint", "7"])
+    assert evaluation.main(["--config", TINY, "--workdir", str(workdir), "--checkpoint", "7"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "no checkpoint for step 7" in err[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -259,7 +262,7 @@ def test_predict_folder_of_mixed_images(restored, tiny_config, workdir, tmp_path
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "x.jpg").write_bytes(b"garbage")
-    common = ["predict", "--config", TINY, "--workdir", str(workdir), "--output", str(tmp_path / "cli")]
+    common = ["--config", TINY, "--workdir", str(workdir), "--output", str(tmp_path / "cli")]
     assert main(common + ["--input", str(bad)]) == 1
     assert main(common + ["--input", str(src / "a.png"), "--save_npy"]) == 0
     assert (tmp_path / "cli" / "a_probs.npy").exists()

@@ -1,4 +1,4 @@
-"""Tests of the tf.data pipelines (hrdecoder_jax/data/{ops,pipeline}.py) on tiny synthetic images.
+"""Tests of the tf.data pipelines (hrdecoder_jax/data/{augment,pipeline}.py) on tiny synthetic images.
 
 Conventions checked against hand-computed values: mmcv imrescale sizes, cv2 INTER_NEAREST
 (floor(dst * in/out)), half-pixel bilinear without antialias, clockwise-positive rotation about
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from hrdecoder_jax.data import ops
+from hrdecoder_jax.data import augment
 from hrdecoder_jax.data import pipeline as P
 
 H, W, N = 48, 64, 6  # tiny images; 6 examples so a few steps cross epoch boundaries
@@ -81,41 +81,41 @@ def denorm(img, cfg):
 def test_overwrite_order_and_packing():
     combos = np.array([[(v >> k) & 1 for k in range(4)] for v in range(16)], np.uint8)  # [16, 4]
     masks = combos[None]  # [1, 16, 4]
-    label = ops.fuse_masks(tf.constant(masks)).numpy()
+    label = augment.fuse_masks(tf.constant(masks)).numpy()
     np.testing.assert_array_equal(label, fuse_np(masks))
     # Spot checks: EX+HE -> HE, HE+SE -> SE, everything -> MA, EX alone -> EX.
     assert label[0, 0b0011] == 2 and label[0, 0b0110] == 3 and label[0, 0b1111] == 4 and label[0, 0b0001] == 1
-    np.testing.assert_array_equal(ops.unpack_masks(ops.pack_masks(tf.constant(masks))).numpy(), masks)
+    np.testing.assert_array_equal(augment.unpack_masks(augment.pack_masks(tf.constant(masks))).numpy(), masks)
     # Crop-acceptance counts from the packed map equal the counts of the fused label.
     packed = np.random.default_rng(5).integers(0, 16, (20, 30)).astype(np.uint8)
-    np.testing.assert_array_equal(ops.fused_counts_from_packed(tf.constant(packed)).numpy(),
-                                  np.bincount(ops.packed_to_label(tf.constant(packed)).numpy().ravel(), minlength=5))
+    np.testing.assert_array_equal(augment.fused_counts_from_packed(tf.constant(packed)).numpy(),
+                                  np.bincount(augment.packed_to_label(tf.constant(packed)).numpy().ravel(), minlength=5))
 
 
 # --------------------------------------------------------------------------- resize
 
 
 def test_rescale_size_hand_cases():
-    # IDRiD 4288x2848 at r=1: f = min(2880/4288, 1920/2848) = 0.67164 -> 2880 x 1913 (SPEC (g)).
-    assert tuple(int(v) for v in ops.rescale_size(2848, 4288, (2880, 1920), 1.0)) == (1913, 2880)
+    # IDRiD 4288x2848 at r=1: f = min(2880/4288, 1920/2848) = 0.67164 -> 2880 x 1913 (mmcv rescale_size).
+    assert tuple(int(v) for v in augment.rescale_size(2848, 4288, (2880, 1920), 1.0)) == (1913, 2880)
     # r=0.5: target (1440, 960), f = 1440/4288 -> w 1440, h int(956.42 + 0.5) = 956.
-    assert tuple(int(v) for v in ops.rescale_size(2848, 4288, (2880, 1920), 0.5)) == (956, 1440)
+    assert tuple(int(v) for v in augment.rescale_size(2848, 4288, (2880, 1920), 0.5)) == (956, 1440)
     # DDR-like 2000x1500 to (2048, 2048): f = min(2048/2000, 2048/1500) = 1.024 -> 2048 x 1536.
-    assert tuple(int(v) for v in ops.rescale_size(1500, 2000, (2048, 2048), 1.0)) == (1536, 2048)
+    assert tuple(int(v) for v in augment.rescale_size(1500, 2000, (2048, 2048), 1.0)) == (1536, 2048)
     rng = np.random.default_rng(1)
     for r in rng.uniform(0.5, 2.0, 50):
         for h, w, s in [(2848, 4288, (2880, 1920)), (1300, 1950, (2048, 2048)), (H, W, (W, H))]:
-            got = tuple(int(v) for v in ops.rescale_size(h, w, s, r))
+            got = tuple(int(v) for v in augment.rescale_size(h, w, s, r))
             assert got == mmcv_rescale_size(h, w, s, float(r)), (h, w, s, r)
 
 
 def test_nearest_matches_cv2_inter_nearest():
     # 5 -> 3: src = floor(dst * 5/3) = [0, 1, 3] (half-pixel nearest would give [0, 2, 4]).
-    np.testing.assert_array_equal(ops.nearest_indices(5, 3).numpy(), [0, 1, 3])
+    np.testing.assert_array_equal(augment.nearest_indices(5, 3).numpy(), [0, 1, 3])
     # 2 -> 5: src = floor(dst * 0.4) = [0, 0, 0, 1, 1].
-    np.testing.assert_array_equal(ops.nearest_indices(2, 5).numpy(), [0, 0, 0, 1, 1])
+    np.testing.assert_array_equal(augment.nearest_indices(2, 5).numpy(), [0, 0, 0, 1, 1])
     lab = tf.constant(np.arange(15, dtype=np.uint8).reshape(3, 5))
-    out = ops.resize_nearest(lab, (5, 3)).numpy()
+    out = augment.resize_nearest(lab, (5, 3)).numpy()
     rows, cols = [0, 0, 1, 1, 2], [0, 1, 3]  # 3 -> 5: floor(dst * 0.6)
     np.testing.assert_array_equal(out, lab.numpy()[np.ix_(rows, cols)])
     assert out.dtype == np.uint8
@@ -124,40 +124,40 @@ def test_nearest_matches_cv2_inter_nearest():
 def test_bilinear_matches_half_pixel_formula():
     # 4 -> 2: src = (dst + 0.5) * 2 - 0.5 = 0.5, 2.5 -> [5, 25].
     x = tf.constant([[0.0, 10.0, 20.0, 30.0]])[..., None]  # [1, 4, 1]
-    np.testing.assert_allclose(ops.resize_bilinear(x, (1, 2)).numpy()[0, :, 0], [5.0, 25.0])
+    np.testing.assert_allclose(augment.resize_bilinear(x, (1, 2)).numpy()[0, :, 0], [5.0, 25.0])
     # 2 -> 4: src = -0.25 (clamp 0), 0.25, 0.75, 1.25 (clamp 1) -> [0, 2, 6, 8].
     x = tf.constant([[0.0, 8.0]])[..., None]
-    np.testing.assert_allclose(ops.resize_bilinear(x, (1, 4)).numpy()[0, :, 0], [0.0, 2.0, 6.0, 8.0])
+    np.testing.assert_allclose(augment.resize_bilinear(x, (1, 4)).numpy()[0, :, 0], [0.0, 2.0, 6.0, 8.0])
     # Same as tf.image.resize(antialias=False) for down- and upsampling; windows equal crops.
     img = tf.constant(np.random.default_rng(2).integers(0, 256, (H, W, 3), dtype=np.uint8))
     for size in [(20, 27), (48, 64), (97, 130)]:
-        full = ops.resize_bilinear(img, size).numpy()
+        full = augment.resize_bilinear(img, size).numpy()
         ref = tf.image.resize(tf.cast(img, tf.float32), size, method="bilinear", antialias=False).numpy()
         np.testing.assert_allclose(full, ref, atol=2e-3)
-        win = ops.resize_bilinear_window(img, size, (3, 5), (size[0] - 7, size[1] - 9)).numpy()
+        win = augment.resize_bilinear_window(img, size, (3, 5), (size[0] - 7, size[1] - 9)).numpy()
         np.testing.assert_allclose(win, full[3:size[0] - 4, 5:size[1] - 4], atol=1e-4)
 
 
 def test_nonzero_count_of_nearest_window():
     lab = (np.random.default_rng(6).random((H, W)) < 0.3).astype(np.uint8) * 7
     for size, off, win in [((97, 130), (10, 20), (40, 50)), ((20, 27), (3, 4), (15, 20)), ((H, W), (0, 0), (H, W))]:
-        rows = ops.nearest_indices(H, size[0])[off[0]:off[0] + win[0]]
-        cols = ops.nearest_indices(W, size[1])[off[1]:off[1] + win[1]]
+        rows = augment.nearest_indices(H, size[0])[off[0]:off[0] + win[0]]
+        cols = augment.nearest_indices(W, size[1])[off[1]:off[1] + win[1]]
         expect = np.count_nonzero(lab[np.ix_(rows.numpy(), cols.numpy())])
-        assert int(ops.nonzero_count_nearest_window(tf.constant(lab), rows, cols)) == expect
+        assert int(augment.nonzero_count_nearest_window(tf.constant(lab), rows, cols)) == expect
 
 
 def test_resize_ops_inside_tf_data(data):
     d = tf.data.Dataset.from_tensor_slices({"image": data["image"][:2], "masks": data["masks"][:2]})
 
     def f(ex):
-        return {"img": ops.resize_bilinear(ex["image"], (30, 41)),
-                "lab": ops.resize_nearest(ops.pack_masks(ex["masks"]), (71, 97))}
+        return {"img": augment.resize_bilinear(ex["image"], (30, 41)),
+                "lab": augment.resize_nearest(augment.pack_masks(ex["masks"]), (71, 97))}
 
     for i, out in enumerate(d.map(f).as_numpy_iterator()):
-        np.testing.assert_array_equal(out["img"], ops.resize_bilinear(tf.constant(data["image"][i]), (30, 41)).numpy())
-        rows, cols = ops.nearest_indices(H, 71).numpy(), ops.nearest_indices(W, 97).numpy()
-        expect = ops.pack_masks(tf.constant(data["masks"][i])).numpy()[np.ix_(rows, cols)]
+        np.testing.assert_array_equal(out["img"], augment.resize_bilinear(tf.constant(data["image"][i]), (30, 41)).numpy())
+        rows, cols = augment.nearest_indices(H, 71).numpy(), augment.nearest_indices(W, 97).numpy()
+        expect = augment.pack_masks(tf.constant(data["masks"][i])).numpy()[np.ix_(rows, cols)]
         np.testing.assert_array_equal(out["lab"], expect)
 
 
@@ -166,27 +166,27 @@ def test_resize_ops_inside_tf_data(data):
 
 def test_rotation_positive_is_clockwise():
     x = np.arange(25, dtype=np.float32).reshape(5, 5, 1)
-    out = ops.rotate(tf.constant(x), 90.0).numpy()
+    out = augment.rotate(tf.constant(x), 90.0).numpy()
     np.testing.assert_allclose(out, np.rot90(x, k=-1), atol=1e-4)  # k=-1: clockwise
     # A marker at the top centre ends at the right centre (clockwise on screen, y down).
     m = np.zeros((7, 7, 1), np.uint8)
     m[0, 3] = 1
-    out = ops.rotate(tf.constant(m), 90.0, interpolation="NEAREST").numpy()
+    out = augment.rotate(tf.constant(m), 90.0, interpolation="NEAREST").numpy()
     assert out[3, 6, 0] == 1 and out.sum() == 1 and out.dtype == np.uint8
     # Same op inside tf.data.
-    mapped = next(tf.data.Dataset.from_tensors(x).map(lambda t: ops.rotate(t, -90.0)).as_numpy_iterator())
+    mapped = next(tf.data.Dataset.from_tensors(x).map(lambda t: augment.rotate(t, -90.0)).as_numpy_iterator())
     np.testing.assert_allclose(mapped, np.rot90(x, k=1), atol=1e-4)
 
 
 def test_rotation_border_and_label_values():
     rng = np.random.default_rng(3)
     lab = rng.integers(1, 5, (9, 12, 1)).astype(np.uint8)
-    out = ops.rotate(tf.constant(lab), 30.0, interpolation="NEAREST").numpy()
+    out = augment.rotate(tf.constant(lab), 30.0, interpolation="NEAREST").numpy()
     assert set(np.unique(out)) <= {0, 1, 2, 3, 4}  # only old values plus border 0
     assert out[0, 0, 0] == 0 and out[-1, -1, 0] == 0  # corners come from outside
-    img = ops.rotate(tf.ones((9, 12, 3)) * 100.0, 30.0).numpy()
+    img = augment.rotate(tf.ones((9, 12, 3)) * 100.0, 30.0).numpy()
     assert img[0, 0, 0] == 0.0 and img[4, 6, 0] == pytest.approx(100.0)
-    np.testing.assert_array_equal(ops.hflip(tf.constant(lab)).numpy(), lab[:, ::-1])
+    np.testing.assert_array_equal(augment.hflip(tf.constant(lab)).numpy(), lab[:, ::-1])
 
 
 # --------------------------------------------------------------------------- crop
@@ -214,9 +214,9 @@ def test_cat_max_ratio_redraws_match_mmseg():
     crop = (24, 24)
     for s in range(25):
         key = tf.constant([s, 7], tf.int64)
-        draws = [tuple(ops.crop_offset(tf.random.experimental.stateless_fold_in(key, np.int64(k)),
+        draws = [tuple(augment.crop_offset(tf.random.experimental.stateless_fold_in(key, np.int64(k)),
                                        (60, 70), crop).numpy()) for k in range(11)]
-        got = tuple(ops.select_crop(key, (60, 70), crop, lambda y, x: ops.value_counts(label[y:y + 24, x:x + 24]),
+        got = tuple(augment.select_crop(key, (60, 70), crop, lambda y, x: augment.value_counts(label[y:y + 24, x:x + 24]),
                                     0.75).numpy())
         assert got == mmseg_select(draws, label, crop, 0.75), s
     # The cheap background pre-test (used by the pipeline) never changes the choice.
@@ -224,22 +224,22 @@ def test_cat_max_ratio_redraws_match_mmseg():
     rows, cols = tf.range(60), tf.range(70)
 
     def bg_reject(y, x):
-        nz = ops.nonzero_count_nearest_window(lab2, rows[y:y + 24], cols[x:x + 24])
+        nz = augment.nonzero_count_nearest_window(lab2, rows[y:y + 24], cols[x:x + 24])
         return tf.logical_or(nz == 0, tf.cast(576 - nz, tf.float64) / 576.0 >= 0.75)
 
     for s in range(25):
         key = tf.constant([s, 8], tf.int64)
-        counts = lambda y, x: ops.value_counts(lab2[y:y + 24, x:x + 24])  # noqa: E731
-        np.testing.assert_array_equal(ops.select_crop(key, (60, 70), crop, counts, 0.75, reject_fn=bg_reject),
-                                      ops.select_crop(key, (60, 70), crop, counts, 0.75))
+        counts = lambda y, x: augment.value_counts(lab2[y:y + 24, x:x + 24])  # noqa: E731
+        np.testing.assert_array_equal(augment.select_crop(key, (60, 70), crop, counts, 0.75, reject_fn=bg_reject),
+                                      augment.select_crop(key, (60, 70), crop, counts, 0.75))
     # All draws fail on a one-class label: the 11th draw is used.
     zeros = np.zeros((60, 70), np.int32)
     key = tf.constant([1, 2], tf.int64)
-    last = ops.crop_offset(tf.random.experimental.stateless_fold_in(key, np.int64(10)), (60, 70), crop).numpy()
-    got = ops.select_crop(key, (60, 70), crop, lambda y, x: ops.value_counts(zeros[y:y + 24, x:x + 24]), 0.75).numpy()
+    last = augment.crop_offset(tf.random.experimental.stateless_fold_in(key, np.int64(10)), (60, 70), crop).numpy()
+    got = augment.select_crop(key, (60, 70), crop, lambda y, x: augment.value_counts(zeros[y:y + 24, x:x + 24]), 0.75).numpy()
     np.testing.assert_array_equal(got, last)
     # Crop larger than the image: offset 0.
-    np.testing.assert_array_equal(ops.crop_offset(key, (10, 12), crop).numpy(), [0, 0])
+    np.testing.assert_array_equal(augment.crop_offset(key, (10, 12), crop).numpy(), [0, 0])
 
 
 # --------------------------------------------------------------------------- train transform
@@ -250,7 +250,7 @@ def test_train_transform_alignment_exact_90(data):
     cfg = small_config(ratio_range=None, rotate_degree=(90.0, 90.0))
     for i in range(4):
         key = tf.constant([i, 0], tf.int64)
-        packed = ops.pack_masks(tf.constant(data["masks"][i]))
+        packed = augment.pack_masks(tf.constant(data["masks"][i]))
         out = P.train_transform(tf.constant(data["image"][i]), packed, key, cfg)
         raw = np.round(denorm(out["image"].numpy(), cfg))
         np.testing.assert_array_equal(raw[..., 0], 40 * out["label"].numpy())
@@ -275,7 +275,7 @@ def test_train_transform_alignment_resize_rotate_eager_vs_tf_data():
     d = tf.data.Dataset.from_tensors({"image": image, "masks": masks}).repeat(8)
 
     def fn(k, ex):
-        return P.train_transform(ex["image"], ops.pack_masks(ex["masks"]), tf.stack([k, 5]), cfg)
+        return P.train_transform(ex["image"], augment.pack_masks(ex["masks"]), tf.stack([k, 5]), cfg)
 
     mapped = list(d.enumerate().map(fn).as_numpy_iterator())
     margins = []
@@ -303,7 +303,7 @@ def test_crop_and_flip_are_exact_windows(flip):
     label = fuse_np(masks)
     cfg = small_config(ratio_range=None, rotate_prob=0.0, flip_prob=flip)
     for s in range(3):
-        out = P.train_transform(tf.constant(image), ops.pack_masks(tf.constant(masks)),
+        out = P.train_transform(tf.constant(image), augment.pack_masks(tf.constant(masks)),
                                 tf.constant([s, 9], tf.int64), cfg)
         lab = out["label"].numpy()
         raw = np.round(denorm(out["image"].numpy(), cfg)).astype(np.int64)
@@ -416,7 +416,7 @@ def test_eval_pipeline(data, ds):
         np.testing.assert_array_equal(o["orig_size"][0], [H, W])
         assert o["name"][0].decode() == data["name"][i]
         ref = tf.image.resize(tf.cast(data["image"][i], tf.float32), (H // 2, W // 2), antialias=False)
-        ref = ops.normalize(ops.quantize_uint8(ref), cfg.mean, cfg.std).numpy()
+        ref = augment.normalize(augment.quantize_uint8(ref), cfg.mean, cfg.std).numpy()
         np.testing.assert_allclose(o["image"][0], ref, atol=1e-4)
     ml = next(P.make_eval_dataset(ds, small_config(label_mode="multilabel")))
     np.testing.assert_array_equal(ml["masks"][0], data["masks"][0])

@@ -18,14 +18,25 @@ def test_study_config_keeps_the_budget_equal():
     assert big.data.crop_size == (1024, 1024) and big.model.hr_settings.hr_scale == (512, 512)
 
 
-def test_study_runs_at_toy_size(tmp_path):
-    rows = run_study(str(tmp_path / "study"), steps=2, scale=0.25, models=("fcn_lr", "hrdecoder"),
+def test_study_runs_at_toy_size_with_two_seeds(tmp_path):
+    runs = run_study(str(tmp_path / "study"), steps=2, scale=0.25, models=("fcn_lr", "hrdecoder"), seeds=(0, 1),
                      data_dir=str(tmp_path / "data"))
-    assert [r["model"] for r in rows] == ["FCN-LR", "HRDecoder"]
-    for r in rows:
+    assert [(r["model"], r["seed"]) for r in runs] == [("FCN-LR", 0), ("HRDecoder", 0), ("FCN-LR", 1),
+                                                      ("HRDecoder", 1)]
+    for r in runs:
         assert len(r["IoU"]) == 4 and 0 <= r["mIoU"] <= 1 and r["train_memory_bytes"] > 0 and r["infer_flops"] > 0
-    assert rows[0]["train_image"] == [32, 32] and rows[1]["train_image"] == [64, 64]   # FCN-LR: half-size crops
+    assert runs[0]["train_image"] == [32, 32] and runs[1]["train_image"] == [64, 64]   # FCN-LR: half-size crops
     saved = json.loads((tmp_path / "study" / "study.json").read_text())
-    assert saved == rows
+    assert saved["runs"] == runs
+    summary = {r["model"]: r for r in saved["summary"]}
+    hr = [r for r in runs if r["model"] == "HRDecoder"]
+    assert summary["HRDecoder"]["seeds"] == [0, 1]
+    assert abs(summary["HRDecoder"]["mIoU"] - (hr[0]["mIoU"] + hr[1]["mIoU"]) / 2) < 1e-12
+    assert abs(summary["HRDecoder"]["mIoU_std"] - abs(hr[0]["mIoU"] - hr[1]["mIoU"]) / 2 ** 0.5) < 1e-12
     assert (tmp_path / "study" / "study.png").stat().st_size > 1000
-    assert "| HRDecoder |" in (tmp_path / "study" / "study.md").read_text()
+    table = (tmp_path / "study" / "study.md").read_text()
+    assert "| HRDecoder |" in table and "±" in table
+    # Finished runs are read back, not trained again.
+    again = run_study(str(tmp_path / "study"), steps=2, scale=0.25, models=("hrdecoder",), seeds=(0,),
+                      data_dir=str(tmp_path / "data"))
+    assert again == [runs[1]]

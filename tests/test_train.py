@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from hrdecoder_jax import config_utils
+from hrdecoder_jax.checkpoint import CheckpointError
+from hrdecoder_jax.data import DatasetError
 from hrdecoder_jax.optim import learning_rate_schedule
 from hrdecoder_jax.train import train_and_evaluate
 
@@ -100,7 +102,7 @@ def test_bad_settings_fail_before_training(tmp_path):
     config = shrunk_synthetic_config(tmp_path / "data")
     config.data.name = "idrid"
     config.data.manual_dir = str(tmp_path / "nothing-here")
-    with pytest.raises(SystemExit, match="manual_dir"):
+    with pytest.raises(DatasetError, match="nothing-here"):
         train_and_evaluate(config, str(tmp_path / "w2"))
     # A checkpoint of another architecture as init_from.
     good = shrunk_synthetic_config(tmp_path / "data", total_steps=2)
@@ -109,7 +111,7 @@ def test_bad_settings_fail_before_training(tmp_path):
     other = shrunk_synthetic_config(tmp_path / "data")
     other.model.decode_head.channels = 16
     other.init_from = str(tmp_path / "small")
-    with pytest.raises(SystemExit, match="init_from"):
+    with pytest.raises(CheckpointError, match="init_from"):
         train_and_evaluate(other, str(tmp_path / "w3"), final_eval=False)
 
 
@@ -119,7 +121,7 @@ def test_two_process_launch_agrees(tmp_path):
     config = shrunk_synthetic_config(tmp_path / "data", total_steps=2)
     config.eval_every = 0
     # The data is prepared once up front so the two processes do not race to build it.
-    from hrdecoder_jax.evaluate import open_split
+    from hrdecoder_jax.data import open_split
     open_split(config.data, "train")
     open_split(config.data, "test")
     single = tmp_path / "single"
@@ -156,14 +158,14 @@ def test_workdir_check_is_safe_when_processes_share_the_workdir(tmp_path):
     probe file one process could delete another's probe and exit (a CI failure of the 2-process test).
     Four threads x 300 checks: the shared-name version failed dozens of times here."""
     import threading
-    from hrdecoder_jax.train import _check_workdir
+    from hrdecoder_jax.workdir import WorkdirError, check_writable
     errors = []
 
     def work():
         for _ in range(300):
             try:
-                _check_workdir(str(tmp_path))
-            except SystemExit as e:
+                check_writable(str(tmp_path))
+            except WorkdirError as e:
                 errors.append(str(e))
 
     threads = [threading.Thread(target=work) for _ in range(4)]

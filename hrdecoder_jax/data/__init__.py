@@ -5,9 +5,11 @@ EX, HE, SE, MA (multi-label), "name": str file stem}``. Importing this package o
 builder classes (tensorflow_datasets imports TensorFlow lazily); nothing is read or generated until
 a builder is prepared.
 
-The command and function that write synthetic files in the IDRiD/DDR layouts live in the submodule
-:mod:`hrdecoder_jax.data.write_layout` (``from hrdecoder_jax.data.write_layout import write_layout``);
-they are not re-exported here, so ``python -m hrdecoder_jax.data.write_layout`` runs cleanly.
+Modules, in data-flow order: ``contract`` (the example format, its errors, the manual-download builder
+base), ``manual`` (reading the downloads: folders, zips, layouts, mask decoding), ``idrid`` / ``ddr`` /
+``synthetic`` (the builders; ``synthetic`` also holds the procedural generator), ``augment`` (the
+paper's augmentation ops on tensors), ``pipeline`` (the tf.data training and evaluation pipelines).
+``open_split`` is how the rest of the package opens a config's split.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from __future__ import annotations
 import os
 import re
 
-from hrdecoder_jax.data.masks import LESIONS, DatasetError, DatasetNotFoundError
+from hrdecoder_jax import LESIONS
+from hrdecoder_jax.data.contract import DatasetError, DatasetNotFoundError
 from hrdecoder_jax.data.synthetic import (SyntheticFundus, SyntheticFundusConfig, example_seed, generate_fundus,
                                           synthetic_config)
 from hrdecoder_jax.data.idrid import Idrid
@@ -24,6 +27,7 @@ from hrdecoder_jax.data.ddr import Ddr
 __all__ = [
     "LESIONS", "DatasetError", "DatasetNotFoundError", "Idrid", "Ddr", "SyntheticFundus", "SyntheticFundusConfig",
     "synthetic_config", "generate_fundus", "example_seed", "get_builder", "load_split", "num_examples", "image_decoders",
+    "open_split",
 ]
 
 
@@ -37,9 +41,21 @@ def get_builder(name: str, *, data_dir, manual_dir=None, prepare: bool = True, *
     import tensorflow_datasets as tfds
 
     builder = tfds.builder(name, data_dir=os.fspath(data_dir), **builder_kwargs)
-    if prepare and not builder.is_prepared():
+    record = os.path.join(os.fspath(builder.data_dir), "prepared_from.txt")   # the manual dir it was read from
+    wanted = None if manual_dir is None else os.path.abspath(os.path.expanduser(os.fspath(manual_dir)))
+    if builder.is_prepared():
+        if wanted is not None and os.path.exists(record):
+            with open(record) as f:
+                source = f.read().strip()
+            if source and source != wanted:
+                raise DatasetError(f"{builder.data_dir} was prepared from {source}, not from manual_dir={wanted}; "
+                                   "delete that folder (or set data.data_dir elsewhere) to prepare the new data")
+    elif prepare:
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            manual_dir=None if manual_dir is None else os.fspath(manual_dir), try_download_gcs=False))
+            manual_dir=wanted, try_download_gcs=False))
+        if wanted is not None:
+            with open(record, "w") as f:
+                f.write(wanted + "\n")
     return builder
 
 
@@ -95,3 +111,32 @@ def num_examples(name: str, split: str, *, data_dir, manual_dir=None, **builder_
     builder = get_builder(name, data_dir=data_dir, manual_dir=manual_dir, **builder_kwargs)
     _check_split(builder, split)
     return int(builder.info.splits[split].num_examples)
+
+
+def _field(cfg, key, default=None):
+    try:
+        value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    except (AttributeError, KeyError):
+        return default
+    return default if value is None else value
+
+
+def open_split(data_config, split: str):
+    """The raw ``tf.data.Dataset`` of ``split`` for ``data_config`` (a config's ``data`` section).
+
+    Handles the ``synthetic_fundus`` builder config (``data_config.synthetic``, generated on first use),
+    ``data_dir`` (``~`` expanded; empty means ``~/tensorflow_datasets``) and ``manual_dir`` (where the
+    downloaded IDRiD/DDR files are). Examples are ``{"image", "masks", "name"}`` as ``load_split`` returns.
+    """
+    name = data_config.name
+    kwargs: dict[str, Any] = {}
+    synthetic = _field(data_config, "synthetic")
+    if name == "synthetic_fundus" and synthetic is not None:
+        kwargs["config"] = synthetic_config(**(synthetic.to_dict() if hasattr(synthetic, "to_dict") else dict(synthetic)))
+    data_dir = os.path.expanduser(os.fspath(_field(data_config, "data_dir", "") or "~/tensorflow_datasets"))
+    manual_dir = _field(data_config, "manual_dir")
+    if manual_dir:
+        manual_dir = os.path.expanduser(os.fspath(manual_dir))
+    else:
+        manual_dir = None
+    return load_split(name, split, data_dir=data_dir, manual_dir=manual_dir, **kwargs)

@@ -14,7 +14,7 @@ commute with packing; the pipeline therefore carries one uint8 map and derives a
   reference conversion scripts write, or
 * the four masks again (``unpack_masks``) for the multi-label option.
 
-Conventions (see SPEC (g) and "Pitfalls" 1 and 12):
+Conventions (those of mmcv/OpenCV, which the reference pipeline uses):
 
 * ``rescale_size``: mmcv ``rescale_size`` (imrescale with a (w, h) tuple), float64 like Python.
 * Bilinear resize: cv2 INTER_LINEAR = half-pixel centres, edge clamp, NO antialiasing.
@@ -32,10 +32,9 @@ from typing import Sequence
 
 import tensorflow as tf
 
-try:  # keep the full TF build off any GPU: JAX owns the accelerator (STACK 2g)
-    tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # devices already initialised by an earlier TF call; nothing to do
-    pass
+from hrdecoder_jax.runtime import hide_gpus_from_tensorflow
+
+hide_gpus_from_tensorflow()   # the first TensorFlow use of the package: JAX owns the accelerators
 
 # Bits of the packed label map, in the reference's class order EX, HE, SE, MA.
 MASK_BITS = (1, 2, 4, 8)

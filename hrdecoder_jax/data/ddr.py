@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tensorflow_datasets as tfds
 
-from hrdecoder_jax.data.synthetic import ManualLesionBuilder, features
+from hrdecoder_jax.data.contract import ManualLesionBuilder, features
 
 SPLIT_NAMES = {
     "train": ("train", "training"),

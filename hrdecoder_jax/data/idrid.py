@@ -9,14 +9,14 @@ Accepted below the manual dir (directly, nested up to two folders deep, or insid
 * the mmseg layout of the reference repository: ``images/{train,test}/*.jpg`` with
   ``labels/{train,test}/{EX,HE,SE,MA}/*.tif`` or fused ``labels/{train,test}/*.png`` (0..4).
 
-Examples follow the contract of :mod:`hrdecoder_jax.data.masks`; JPEG images keep their bytes.
+Examples follow the contract of :mod:`hrdecoder_jax.data.contract`; JPEG images keep their bytes.
 """
 
 from __future__ import annotations
 
 import tensorflow_datasets as tfds
 
-from hrdecoder_jax.data.synthetic import ManualLesionBuilder, features
+from hrdecoder_jax.data.contract import ManualLesionBuilder, features
 
 SPLIT_NAMES = {
     "train": ("train", "training", "training set", "a. Training Set"),

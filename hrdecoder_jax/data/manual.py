@@ -1,15 +1,11 @@
-"""Shared reading helpers for the manual-download builders: file trees (folder or zip), layout
-detection, image / mask decoding and the example generator.
+"""The reader of manually downloaded datasets (IDRiD, DDR, the reference repository's layouts): file trees
+(folder or zip), layout detection, image / mask decoding and the example generator.
 
 Nothing here imports TensorFlow: decoding uses Pillow (tifffile as a fallback for TIFFs Pillow
 cannot read), so the helpers are cheap to import and to test.
 
-Example contract (shared with :mod:`hrdecoder_jax.data.pipeline`):
-
-* ``image``: uint8 [H, W, 3] RGB. JPEG files (RGB or grey) and 8-bit RGB PNG files are stored as
-  their original bytes (no re-encoding loss); anything else is decoded and stored PNG-encoded.
-* ``masks``: uint8 [H, W, 4], values 0/1, channels EX, HE, SE, MA, stored PNG-encoded (lossless).
-* ``name``: the image file stem, e.g. ``"IDRiD_01"``.
+Examples follow :mod:`hrdecoder_jax.data.contract`; JPEG files (RGB or grey) and 8-bit RGB PNG files keep
+their original bytes, anything else is decoded and stored PNG-encoded.
 """
 
 from __future__ import annotations
@@ -25,8 +21,9 @@ from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
-LESIONS = ("EX", "HE", "SE", "MA")
-"""Channel order of ``masks``; fused label maps use 1..4 for these (0 = background)."""
+from hrdecoder_jax import LESIONS
+from hrdecoder_jax.data.contract import DatasetError, DatasetNotFoundError
+
 
 log = logging.getLogger("hrdecoder_jax.data")
 
@@ -34,14 +31,6 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 # JPEG is deliberately absent: lossy masks would turn compression noise into lesion pixels.
 MASK_EXTS = (".tif", ".tiff", ".png", ".gif", ".bmp")
 FUSED_EXTS = (".png",)
-
-
-class DatasetError(ValueError):
-    """A dataset file or folder is unusable; the message is one line naming it and what was expected."""
-
-
-class DatasetNotFoundError(DatasetError, FileNotFoundError):
-    """A required folder or file (manual dir, layout, split) does not exist."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,12 +181,22 @@ def decode_image(data: bytes, where: str) -> tuple[np.ndarray, bytes | np.ndarra
     return rgb, (data if keep else rgb)
 
 
-def _mask_from_array(a: np.ndarray, alpha_last: bool) -> np.ndarray:
+def _mask_from_array(a: np.ndarray, alpha_last: bool, where: str = "") -> np.ndarray:
+    """Lesion where any colour channel is non-zero. The alpha channel of an RGBA / grey+alpha mask is
+    ignored while the colours carry the mask (IDRiD's RGBA masks are opaque everywhere); when the colours
+    are black everywhere but the alpha varies, the alpha carries it: lesion where alpha is non-zero
+    (with a log line naming the file), so no drawn mask decodes to an empty one in silence."""
     if a.ndim == 2:
         return a != 0
     if a.ndim == 3:
         if alpha_last and a.shape[2] in (2, 4):
-            a = a[..., :-1]  # an opaque alpha channel is 255 everywhere: it is not lesion
+            colours, alpha = a[..., :-1], a[..., -1]
+            lesion = np.any(colours != 0, axis=2)
+            if not lesion.any() and alpha.min() != alpha.max():
+                log.warning("%s: black mask whose alpha channel varies; using the alpha channel as the mask",
+                            where or "mask")
+                return alpha != 0
+            return lesion
         return np.any(a != 0, axis=2)
     raise ValueError(f"unexpected mask array shape {a.shape}")
 
@@ -205,8 +204,8 @@ def _mask_from_array(a: np.ndarray, alpha_last: bool) -> np.ndarray:
 def decode_mask(data: bytes, where: str) -> np.ndarray:
     """Decode a binary lesion mask to bool [H, W]: any non-zero colour channel is lesion.
 
-    Handles binary 0/255 grey (DDR), grey 76 and red (255,0,0) RGB (IDRiD), RGBA / grey+alpha (the
-    alpha channel is ignored), palette, 1-bit and 16-bit images.
+    Handles binary 0/255 grey (DDR), grey 76 and red (255,0,0) RGB (IDRiD), RGBA / grey+alpha (see
+    ``_mask_from_array`` for the alpha rule), palette, 1-bit and 16-bit images.
     """
     from PIL import Image
 
@@ -223,7 +222,7 @@ def decode_mask(data: bytes, where: str) -> np.ndarray:
             expected = int(np.prod(arr.shape)) * arr.dtype.itemsize
             if expected == 0:
                 raise ValueError("empty image")
-            return _mask_from_array(np.squeeze(arr), alpha_last=True)
+            return _mask_from_array(np.squeeze(arr), alpha_last=True, where=where)
         except Exception as e:  # noqa: BLE001 - any tifffile failure means the file is unusable
             raise DatasetError(f"{where}: corrupt or truncated mask ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
     mode = img.mode
@@ -234,7 +233,7 @@ def decode_mask(data: bytes, where: str) -> np.ndarray:
         img = img.convert("RGB")
         mode = "RGB"
     arr = np.asarray(img)
-    return _mask_from_array(arr, alpha_last=mode in ("RGBA", "LA", "La", "RGBa", "PA"))
+    return _mask_from_array(arr, alpha_last=mode in ("RGBA", "LA", "La", "RGBa", "PA"), where=where)
 
 
 def decode_fused(data: bytes, where: str) -> np.ndarray:

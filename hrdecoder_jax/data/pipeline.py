@@ -1,4 +1,4 @@
-"""tf.data training and evaluation pipelines of the HRDecoder paper configs (SPEC section (g)).
+"""tf.data training and evaluation pipelines of the HRDecoder paper configs.
 
 Input: a ``tf.data.Dataset`` of ``{"image": uint8 [H, W, 3] RGB, "masks": uint8 [H, W, 4] (EX, HE,
 SE, MA; 0/1, overlaps kept), "name": tf.string}`` (the tfds builders of this package).
@@ -46,12 +46,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 
-try:  # keep the full TF build off any GPU: JAX owns the accelerator (STACK 2g)
-    tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # devices already initialised by an earlier TF call
-    pass
-
-from hrdecoder_jax.data import ops  # noqa: E402
+from hrdecoder_jax.data import augment  # noqa: E402
 # The data settings are plain config (no TensorFlow): they live in config_utils, re-exported here.
 from hrdecoder_jax.config_utils import (DDR_MEAN, DDR_STD, IDRID_MEAN, IDRID_STD,  # noqa: E402,F401
                                         ddr_data_config, default_data_config)
@@ -104,13 +99,13 @@ def encode_example(example: dict) -> dict:
     Packing the four masks into bits keeps multi-label information at a quarter of the memory.
     """
     return {"image": tf.ensure_shape(example["image"], [None, None, 3]),
-            "packed": ops.pack_masks(tf.ensure_shape(example["masks"], [None, None, 4]))}
+            "packed": augment.pack_masks(tf.ensure_shape(example["masks"], [None, None, 4]))}
 
 
 def _finish_label(packed: tf.Tensor, label_mode: str) -> dict:
     if label_mode == "overwrite":
-        return {"label": ops.packed_to_label(packed, tf.int32)}
-    return {"masks": ops.unpack_masks(packed)}
+        return {"label": augment.packed_to_label(packed, tf.int32)}
+    return {"masks": augment.unpack_masks(packed)}
 
 
 def train_transform(image: tf.Tensor, packed: tf.Tensor, key: tf.Tensor, data_config) -> dict:
@@ -118,7 +113,7 @@ def train_transform(image: tf.Tensor, packed: tf.Tensor, key: tf.Tensor, data_co
 
     Args:
       image: uint8 [H, W, 3] RGB at base (decoded) resolution.
-      packed: uint8 [H, W] packed masks (see ``ops.pack_masks``).
+      packed: uint8 [H, W] packed masks (see ``augment.pack_masks``).
       key: stateless key int64 [2]; the output is a pure function of (image, packed, key).
       data_config: see ``default_data_config``.
     Returns:
@@ -138,19 +133,19 @@ def train_transform(image: tf.Tensor, packed: tf.Tensor, key: tf.Tensor, data_co
     else:
         lo, hi = (float(v) for v in cfg.ratio_range)
         ratio = lo + tf.random.stateless_uniform([], k_ratio, dtype=tf.float64) * (hi - lo)
-    new_h, new_w = ops.rescale_size(h, w, cfg.img_scale, ratio)
+    new_h, new_w = augment.rescale_size(h, w, cfg.img_scale, ratio)
 
     # 2. RandomCrop: the crop is min(crop, size) (mmseg slices past the edge).
     ch = tf.minimum(crop_h, new_h)
     cw = tf.minimum(crop_w, new_w)
-    rows_nn = ops.nearest_indices(h, new_h)
-    cols_nn = ops.nearest_indices(w, new_w)
+    rows_nn = augment.nearest_indices(h, new_h)
+    cols_nn = augment.nearest_indices(w, new_w)
 
     def packed_window(y, x):
         return tf.gather(tf.gather(packed, rows_nn[y:y + ch], axis=0), cols_nn[x:x + cw], axis=1)
 
     def fused_counts(y, x):  # the acceptance test always counts the fused (reference) label,
-        return ops.fused_counts_from_packed(packed_window(y, x))  # which has no ignore value
+        return augment.fused_counts_from_packed(packed_window(y, x))  # which has no ignore value
 
     cat_max_ratio = float(cfg.cat_max_ratio)
 
@@ -158,21 +153,21 @@ def train_transform(image: tf.Tensor, packed: tf.Tensor, key: tf.Tensor, data_co
         # Exact shortcut for the usual case (fundus crops are mostly background): the most
         # frequent value covers at least the background's share, so the crop fails when the
         # background alone reaches cat_max_ratio or is the only value.
-        nonzero = ops.nonzero_count_nearest_window(packed, rows_nn[y:y + ch], cols_nn[x:x + cw])
+        nonzero = augment.nonzero_count_nearest_window(packed, rows_nn[y:y + ch], cols_nn[x:x + cw])
         total = ch * cw
         bg_share = tf.cast(total - nonzero, tf.float64) / tf.cast(total, tf.float64)
         return tf.logical_or(tf.equal(nonzero, 0), bg_share >= cat_max_ratio)
 
-    off = ops.select_crop(k_crop, (new_h, new_w), (crop_h, crop_w), fused_counts, cat_max_ratio,
+    off = augment.select_crop(k_crop, (new_h, new_w), (crop_h, crop_w), fused_counts, cat_max_ratio,
                           reject_fn=background_dominates)
     lab = packed_window(off[0], off[1])
-    img = ops.resize_bilinear_window(image, (new_h, new_w), (off[0], off[1]), (ch, cw))
+    img = augment.resize_bilinear_window(image, (new_h, new_w), (off[0], off[1]), (ch, cw))
     if cfg.quantize_uint8:
-        img = ops.quantize_uint8(img)
+        img = augment.quantize_uint8(img)
 
     # 3. RandomFlip (horizontal).
     do_flip = tf.random.stateless_uniform([], k_flip, dtype=tf.float64) < float(cfg.flip_prob)
-    img, lab = tf.cond(do_flip, lambda: (ops.hflip(img), ops.hflip(lab)), lambda: (img, lab))
+    img, lab = tf.cond(do_flip, lambda: (augment.hflip(img), augment.hflip(lab)), lambda: (img, lab))
 
     # 4. RandomRotate: border 0 on the RAW image (so -mean/std after Normalize) and on the label.
     d_lo, d_hi = _degree_range(cfg.rotate_degree)
@@ -180,18 +175,18 @@ def train_transform(image: tf.Tensor, packed: tf.Tensor, key: tf.Tensor, data_co
     angle = tf.random.stateless_uniform([], k_angle, minval=d_lo, maxval=d_hi, dtype=tf.float64)
 
     def _rotate():
-        r_img = ops.rotate(img, angle, interpolation="BILINEAR", fill_value=0.0)
+        r_img = augment.rotate(img, angle, interpolation="BILINEAR", fill_value=0.0)
         if cfg.quantize_uint8:
-            r_img = ops.quantize_uint8(r_img)
-        r_lab = ops.rotate(lab[..., None], angle, interpolation="NEAREST", fill_value=0.0)[..., 0]
+            r_img = augment.quantize_uint8(r_img)
+        r_lab = augment.rotate(lab[..., None], angle, interpolation="NEAREST", fill_value=0.0)[..., 0]
         return r_img, r_lab
 
     img, lab = tf.cond(do_rot, _rotate, lambda: (img, lab))
 
     # 5. Normalize, then 6. Pad (so padded pixels are 0 in normalised space).
-    img = ops.normalize(img, cfg.mean, cfg.std)
-    img = ops.pad_to(img, (crop_h, crop_w), 0.0)
-    lab = ops.pad_to(lab, (crop_h, crop_w), 0)
+    img = augment.normalize(img, cfg.mean, cfg.std)
+    img = augment.pad_to(img, (crop_h, crop_w), 0.0)
+    lab = augment.pad_to(lab, (crop_h, crop_w), 0)
     img = tf.ensure_shape(img, [crop_h, crop_w, 3])
     lab = tf.ensure_shape(lab, [crop_h, crop_w])
     return {"image": img, **_finish_label(lab, label_mode)}
@@ -208,11 +203,11 @@ def eval_transform(example: dict, data_config) -> dict:
     label_mode = _check_label_mode(cfg)
     image = tf.ensure_shape(example["image"], [None, None, 3])
     tw, th = (int(v) for v in cfg.test_scale)
-    img = ops.resize_bilinear(image, (th, tw))
+    img = augment.resize_bilinear(image, (th, tw))
     if cfg.quantize_uint8:
-        img = ops.quantize_uint8(img)
-    img = tf.ensure_shape(ops.normalize(img, cfg.mean, cfg.std), [th, tw, 3])
-    out = {"image": img, **_finish_label(ops.pack_masks(example["masks"]), label_mode),
+        img = augment.quantize_uint8(img)
+    img = tf.ensure_shape(augment.normalize(img, cfg.mean, cfg.std), [th, tw, 3])
+    out = {"image": img, **_finish_label(augment.pack_masks(example["masks"]), label_mode),
            "orig_size": tf.shape(image, out_type=tf.int32)[:2]}
     out["name"] = example["name"] if "name" in example else tf.constant("")
     return out

@@ -15,7 +15,8 @@ import math
 import numpy as np
 import tensorflow_datasets as tfds
 
-from hrdecoder_jax.data.masks import LESIONS
+from hrdecoder_jax import LESIONS
+from hrdecoder_jax.data.contract import _no_code_path, features
 
 _F = np.float32
 _REF_RADIUS = 1670.0  # field-of-view radius of a full-resolution IDRiD image, in pixels
@@ -377,24 +378,6 @@ def synthetic_config(height: int, width: int, num_train: int, num_test: int, see
         description=f"{num_train} train / {num_test} test images of {height}x{width}, seed {seed}, lesion scale {lesion_scale}")
 
 
-@tfds.core.utils.classproperty
-@classmethod
-def _no_code_path(cls):
-    """Replacement for ``DatasetBuilder.code_path``. tfds only uses it to find a checksums file beside
-    the builder's code, and for a builder inside an installed package it reaches for the
-    ``importlib_resources`` backport, which is not installed. These builders download nothing."""
-    return None
-
-
-def features():
-    """The FeaturesDict of every builder (the example contract)."""
-    return tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(None, None, 3), dtype=np.uint8),
-        "masks": tfds.features.Image(shape=(None, None, len(LESIONS)), dtype=np.uint8, encoding_format="png"),
-        "name": tfds.features.Text(),
-    })
-
-
 class SyntheticFundus(tfds.core.GeneratorBasedBuilder):
     """Procedural fundus images with EX/HE/SE/MA masks; needs no download. Splits: train, test."""
 
@@ -426,28 +409,3 @@ class SyntheticFundus(tfds.core.GeneratorBasedBuilder):
             image, masks = generate_fundus(example_seed(c.seed, split, i), c.height, c.width, lesion_scale=c.lesion_scale)
             name = f"synthetic_{split}_{i:04d}"
             yield name, {"image": image, "masks": masks, "name": name}
-
-
-class ManualLesionBuilder(tfds.core.GeneratorBasedBuilder):
-    """Shared split discovery of the manual-directory builders (``idrid``, ``ddr``). Subclasses give
-    ``name``, ``_info``, ``SPLIT_NAMES`` (split -> accepted folder names) and ``EXPECTED`` (what the
-    error message says should be there). Stays abstract (no ``_info``), so tfds does not register it."""
-
-    code_path = _no_code_path
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First version."}
-    SPLIT_NAMES: dict = {}
-    EXPECTED: str = ""
-
-    def _split_generators(self, dl_manager):
-        from hrdecoder_jax.data import masks as _m
-        layout = _m.find_layout(_m.manual_dir_of(dl_manager), dataset=self.name, split_names=self.SPLIT_NAMES,
-                                expected=self.EXPECTED)
-        for split_files in layout.splits.values():
-            _m.log_missing(self.name, split_files)
-        return {s: self._generate_examples(layout, s) for s in layout.splits}
-
-    def _generate_examples(self, layout, split):
-        from hrdecoder_jax.data import masks as _m
-        yield from _m.generate_examples(layout, split)
-

@@ -1,6 +1,6 @@
 """Write a synthetic dataset to disk in a real dataset's layout, so the real loaders run end to end.
 
-    python -m hrdecoder_jax.data.write_layout --layout idrid --out DIR [--zip] \
+    python -m hrdecoder_jax.tools.write_layout --layout idrid --out DIR [--zip] \
         [--num-train N --num-test N --height H --width W --seed S]
 
 Layouts:
@@ -22,7 +22,6 @@ recompute exactly what a loader must decode without keeping the images in memory
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import io
 import os
@@ -32,10 +31,11 @@ import zipfile
 
 import numpy as np
 
-from hrdecoder_jax.data.masks import LESIONS
+from hrdecoder_jax import LESIONS
 from hrdecoder_jax.data.synthetic import example_seed, generate_fundus
 
 LAYOUTS = ("idrid", "mmseg", "mmseg-png", "ddr")
+USES_CONFIG = False   # the command takes no --config
 _IDRID_LESION_DIRS = {"MA": "1. Microaneurysms", "HE": "2. Haemorrhages", "EX": "3. Hard Exudates", "SE": "4. Soft Exudates"}
 _IDRID_SPLIT_DIRS = {"train": "a. Training Set", "test": "b. Testing Set"}
 
@@ -181,19 +181,22 @@ def write_layout(out, layout: str = "idrid", *, num_train: int = 6, num_test: in
     return written
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hrdecoder_jax.data.write_layout", description=__doc__.split("\n\n")[0])
-    p.add_argument("--layout", choices=LAYOUTS, default="idrid")
-    p.add_argument("--out", required=True, help="output folder (the manual dir to point the builder at)")
-    p.add_argument("--zip", action="store_true", help="write one zip archive instead of a folder tree")
-    p.add_argument("--num-train", type=int, default=6)
-    p.add_argument("--num-test", type=int, default=3)
-    p.add_argument("--num-valid", type=int, default=3, help="ddr only")
-    p.add_argument("--height", type=int, default=356)
-    p.add_argument("--width", type=int, default=536)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lesion-scale", type=float, default=1.0)
-    a = p.parse_args(argv)
+def define_flags(fv) -> None:
+    from absl import flags
+    flags.DEFINE_enum("layout", "idrid", LAYOUTS, "Which dataset's layout.", flag_values=fv)
+    flags.DEFINE_string("out", None, "Output folder (the manual dir to point the builder at).", flag_values=fv)
+    flags.mark_flag_as_required("out", flag_values=fv)
+    flags.DEFINE_bool("zip", False, "Write one zip archive instead of a folder tree.", flag_values=fv)
+    flags.DEFINE_integer("num_train", 6, "Training images.", flag_values=fv)
+    flags.DEFINE_integer("num_test", 3, "Test images.", flag_values=fv)
+    flags.DEFINE_integer("num_valid", 3, "Validation images (ddr only).", flag_values=fv)
+    flags.DEFINE_integer("height", 356, "Image height.", flag_values=fv)
+    flags.DEFINE_integer("width", 536, "Image width.", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Dataset seed (the same seed writes the same images).", flag_values=fv)
+    flags.DEFINE_float("lesion_scale", 1.0, "Lesion size factor.", flag_values=fv)
+
+
+def run(a) -> int:
     written = write_layout(a.out, a.layout, num_train=a.num_train, num_test=a.num_test, num_valid=a.num_valid,
                            height=a.height, width=a.width, seed=a.seed, as_zip=a.zip, lesion_scale=a.lesion_scale)
     missing = [f"{w.name} {les}" for w in written for les in w.missing]
@@ -202,5 +205,12 @@ def main(argv=None) -> int:
     return 0
 
 
+def main(argv=None) -> int:
+    """``python -m hrdecoder_jax.tools.write_layout`` (``argv``: the arguments, without the program name)."""
+    from hrdecoder_jax import cli
+    return cli.main("tools.write_layout", __doc__, define_flags, run, argv, config=USES_CONFIG, purpose=None)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    from hrdecoder_jax.cli import exit_process
+    exit_process(main())

@@ -1,0 +1,216 @@
+"""The command line of every ``python -m hrdecoder_jax.<command>``: one flag syntax, one error format.
+
+Every command takes absl-style flags (``--flag=value`` or ``--flag value``; ``--a-b`` and ``--a_b`` are the
+same flag) and, where it needs one, ``--config file.py[:variant]`` with ``--config.field=value`` overrides
+(ml_collections). ``--help`` lists the flags. An expected failure (a bad flag or config value, a missing or
+corrupt file, an unusable checkpoint or dataset, a full disk, a locked workdir) ends the command with one
+line ``error: <what>`` on stderr and a non-zero status (2 for bad flags, 1 otherwise, 130 for Ctrl-C);
+``--verbose`` adds the traceback and the libraries' INFO logs.
+
+A command module defines ``define_flags(flag_values)`` and ``run(flag_values) -> int`` and calls
+``cli.main(...)``; ``parse(...)`` parses without running (the README test checks documented commands so).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import traceback
+from typing import Callable, Sequence
+
+from absl import flags
+
+CHECKPOINT_CHOICES = "'latest', 'best' or a step number"
+
+
+class CommandError(Exception):
+    """An expected failure of a command; the message is the whole story (one line)."""
+
+
+def _normalise(argv: Sequence[str]) -> list[str]:
+    """``--a-b=c`` -> ``--a_b=c`` (not for ``--config.x`` overrides, whose names are config fields)."""
+    out = []
+    for a in argv:
+        if a.startswith("--") and not a.startswith("--config.") and len(a) > 2:
+            name, eq, value = a[2:].partition("=")
+            a = "--" + name.replace("-", "_") + eq + value
+        out.append(a)
+    return out
+
+
+class _QuietLibraries:
+    """A logging filter: drop the records of Orbax/TensorStore and tfds' chatter (``--verbose`` shows them)."""
+
+    QUIET = ("/orbax/", "/tensorstore/", "/tensorflow_datasets/")
+
+    def filter(self, record) -> bool:
+        return not any(q in (record.pathname or "") for q in self.QUIET)
+
+
+def define_checkpoint_flag(fv: flags.FlagValues, default: str = "latest") -> None:
+    """``--checkpoint best|latest|STEP``, validated at parse time."""
+    flags.DEFINE_string("checkpoint", default, f"Which checkpoint: {CHECKPOINT_CHOICES}.", flag_values=fv)
+    flags.register_validator("checkpoint", lambda v: v in ("latest", "best") or str(v).isdigit(),
+                             message=f"--checkpoint must be {CHECKPOINT_CHOICES}", flag_values=fv)
+
+
+def checkpoint_choice(value: str) -> str | int:
+    """The parsed ``--checkpoint``: 'latest', 'best' or an int step."""
+    return int(value) if str(value).isdigit() else str(value)
+
+
+def parse(name: str, define: Callable[[flags.FlagValues], None], argv: Sequence[str], *,
+          config: bool = True) -> flags.FlagValues:
+    """Parse ``argv`` (the arguments, without the program name) for command ``name``; raises
+    ``flags.Error`` (or the config loader's error) for a bad flag. Nothing else happens."""
+    argv = _normalise(argv)
+    fv = flags.FlagValues()
+    if config:
+        from ml_collections import config_flags
+        # sys_argv: the --config.x=y overrides are defined from the command line being parsed.
+        config_flags.DEFINE_config_file("config", None, "Config file, configs/NAME.py[:variant]; override any "
+                                        "field with --config.FIELD=VALUE.", flag_values=fv, lock_config=True,
+                                        sys_argv=[name, *argv])
+        flags.mark_flag_as_required("config", flag_values=fv)
+    flags.DEFINE_bool("verbose", False, "On an error also print the traceback; show INFO logs.", flag_values=fv)
+    define(fv)
+    rest = fv([name, *argv])
+    if len(rest) > 1:
+        raise flags.Error(f"unexpected arguments: {' '.join(rest[1:])}")
+    if config:
+        path = fv["config"].config_filename
+        if not os.path.isfile(path.split(":")[0]):
+            raise flags.Error(f"--config={path}: no such config file")
+        try:
+            fv.config     # ml_collections loads lazily; a broken file should fail here, not mid-run
+        except Exception as e:  # noqa: BLE001 - whatever the file raised, one line naming it
+            cause = e.__cause__ or e.__context__ or e
+            raise flags.Error(f"--config={path}: cannot load it ({type(cause).__name__}: "
+                              f"{str(cause).strip().splitlines()[0] if str(cause).strip() else ''})") from None
+    return fv
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()):
+    """``configs/x.py[:variant]`` with ``--config.a.b=value`` overrides, loaded as every command loads it."""
+    return parse("config", lambda fv: None, [f"--config={spec}", *overrides]).config
+
+
+def usage(name: str, doc: str, define: Callable[[flags.FlagValues], None], config: bool) -> str:
+    fv = flags.FlagValues()
+    if config:
+        flags.DEFINE_string("config", None, "Config file, configs/NAME.py[:variant]; override any field with "
+                            "--config.FIELD=VALUE.", flag_values=fv)
+    flags.DEFINE_bool("verbose", False, "On an error also print the traceback; show INFO logs.", flag_values=fv)
+    define(fv)
+    lines = [f"python -m hrdecoder_jax.{name}", "", doc.strip(), "", "flags:"]
+    for flag in sorted(fv._flags().values(), key=lambda f: f.name):
+        if flag.name in ("help", "helpfull", "helpshort", "helpxml"):
+            continue
+        default = "" if flag.default is None else f" (default: {flag.default!r})"
+        lines.append(f"  --{flag.name}: {flag.help}{default}")
+    return "\n".join(lines)
+
+
+def _os_error_in_chain(e: BaseException) -> OSError | None:
+    """The operating-system error behind ``e`` (Orbax and TensorStore wrap them), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        if "No space left on device" in str(e):
+            return OSError(errno.ENOSPC, "No space left on device")
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def describe(e: BaseException) -> str:
+    """The one line an error ends with."""
+    os_error = _os_error_in_chain(e)
+    if os_error is not None and (isinstance(e, OSError) or os_error.errno == errno.ENOSPC):
+        e = os_error
+    if isinstance(e, OSError) and e.errno is not None:
+        where = e.filename or ""
+        what = "disk full (no space left on device)" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        return f"{what}: {where}" if where else what
+    text = str(e).strip().splitlines()
+    first = text[0] if text else ""
+    expected = _expected_types()
+    if isinstance(e, expected):
+        return first or type(e).__name__
+    return f"{type(e).__name__}: {first} (unexpected; rerun with --verbose for the traceback)"
+
+
+def _expected_types() -> tuple[type, ...]:
+    from hrdecoder_jax.checkpoint import CheckpointError
+    from hrdecoder_jax.config_utils import ConfigError
+    from hrdecoder_jax.convert import WeightImportError
+    from hrdecoder_jax.data.contract import DatasetError
+    from hrdecoder_jax.workdir import WorkdirError
+    return (CommandError, ConfigError, CheckpointError, WeightImportError, DatasetError, WorkdirError,
+            FloatingPointError, OSError)
+
+
+def main(name: str, doc: str, define: Callable[[flags.FlagValues], None], run: Callable[[flags.FlagValues], int],
+         argv: Sequence[str] | None = None, *, config: bool = True, purpose: str | None = "inference") -> int:
+    """Parse, set the process up (``runtime.configure(purpose)``), run; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("--help", "-h", "--helpfull", "--helpshort") for a in argv):
+        print(usage(name, doc, define, config))
+        return 0
+    try:
+        fv = parse(name, define, argv, config=config)
+    except (flags.Error, KeyError, AttributeError, ValueError, TypeError, OSError) as e:
+        # flags.Error for bad flags; the config loader raises the others for a bad file or override.
+        msg = " ".join(line.strip() for line in str(e).strip().splitlines()[:2]) or type(e).__name__
+        print(f"error: {msg} (python -m hrdecoder_jax.{name} --help lists the flags)", file=sys.stderr)
+        return 2
+    verbose = fv.verbose
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from absl import logging
+    logging.set_verbosity(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        # Orbax logs every failure of its background threads with a traceback before raising it to us; the
+        # raised error becomes the one line below, so the libraries' logs stay out of the way.
+        logging.get_absl_logger().addFilter(_QuietLibraries())
+    if purpose is not None:
+        from hrdecoder_jax import runtime
+        runtime.configure(purpose)
+    try:
+        return int(run(fv) or 0)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit:
+        raise
+    except Exception as e:  # noqa: BLE001 - the one place every command's errors are turned into one line
+        if verbose:
+            traceback.print_exc()
+        print(f"error: {describe(e)}", file=sys.stderr, flush=True)
+        return 1
+
+
+def exit_process(status: int) -> None:
+    """End the process with ``status`` (the ``__main__`` of every command). After a failure the process
+    ends at once: the background threads of a failed save (Orbax, TensorStore) would otherwise print
+    hundreds of 'Event loop is closed' tracebacks while the interpreter tears them down, burying the one
+    error line. Checkpoints stay consistent: Orbax renames a save into place only when it is complete."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if status:
+        os._exit(status)
+    sys.exit(status)
+
+
+def check_writable_dir(path: str, what: str) -> str:
+    """Create ``path`` if needed and make sure a file can be written there, before any work starts;
+    raises ``CommandError`` naming ``what`` (e.g. '--output') otherwise. Returns the absolute path."""
+    import tempfile
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test.", delete=True) as f:
+            f.write(b"ok")
+    except OSError as e:
+        raise CommandError(f"{what} {path} is not writable ({describe(e)})") from None
+    return path

@@ -1,0 +1,103 @@
+"""One command line for every command: --help, one-line errors, and every documented command parses."""
+import importlib
+import pathlib
+import re
+import shlex
+
+import pytest
+
+from hrdecoder_jax import cli
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+COMMANDS = ["train", "evaluate", "predict", "convert", "benchmark", "tools.write_layout",
+            "experiments.tiny_lesion_study"]
+
+
+def command_module(name):
+    return importlib.import_module(f"hrdecoder_jax.{name}")
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_help_lists_the_flags(name, capsys):
+    module = command_module(name)
+    assert module.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"python -m hrdecoder_jax.{name}") and "--verbose" in out
+    flags_of = {line.split(":")[0].strip() for line in out.splitlines() if line.startswith("  --")}
+    assert len(flags_of) >= 2
+
+
+def documented_commands():
+    """Every ``python -m hrdecoder_jax...`` command in the README and docs/, with line continuations
+    joined and the placeholders made concrete: ``[--x a|b]`` -> ``--x a``, ``a|b`` -> ``a``, ``...`` dropped."""
+    found = []
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        in_block, lines = False, []
+        for line in doc.read_text().replace("\\\n", " ").splitlines():
+            if line.strip().startswith("```"):
+                in_block = not in_block
+            elif in_block:
+                lines.append(line.strip())
+        for line in lines:
+            if line.startswith("python -m hrdecoder_jax"):
+                line = line.split("  #")[0]
+                line = re.sub(r"\[([^\]]*)\]", r"\1", line)          # optional parts: check them too
+                line = re.sub(r"(\S+?)\|\S+", r"\1", line)           # alternatives: the first
+                line = line.replace("...", "").strip()
+                found.append((doc.name, line))
+    return found
+
+
+def test_the_docs_show_commands():
+    names = {shlex.split(c)[2] for _, c in documented_commands()}
+    assert {"hrdecoder_jax.train", "hrdecoder_jax.evaluate", "hrdecoder_jax.predict", "hrdecoder_jax.convert",
+            "hrdecoder_jax.benchmark"} <= names
+
+
+@pytest.mark.parametrize("where,command", documented_commands())
+def test_documented_command_parses(where, command, monkeypatch):
+    """A documented flag that does not exist (or a config file or field that does not) fails here."""
+    monkeypatch.chdir(REPO)
+    args = shlex.split(command)
+    name = args[2][len("hrdecoder_jax."):]
+    module = command_module(name)
+    fv = cli.parse(name, module.define_flags, args[3:], config=getattr(module, "USES_CONFIG", True))
+    assert fv is not None, (where, command)
+
+
+def test_flag_spellings_with_dashes_and_underscores_are_one_flag():
+    from hrdecoder_jax import convert
+    a = cli.parse("convert", convert.define_flags, ["--config=configs/tiny.py", "--torch-checkpoint=x.pth",
+                                                     "--workdir=w"])
+    b = cli.parse("convert", convert.define_flags, ["--config=configs/tiny.py", "--torch_checkpoint=x.pth",
+                                                     "--workdir=w"])
+    assert a.torch_checkpoint == b.torch_checkpoint == "x.pth"
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--config=configs/tiny.py", "--workdir=w", "--config.totl_steps=5"], "totl_steps"),
+    (["--config=configs/tiny.py", "--workdir=w", "--bogus"], "bogus"),
+    (["--config=configs/no_such.py", "--workdir=w"], "no_such.py"),
+    (["--workdir=w"], "--config"),
+    (["--config=configs/tiny.py", "--workdir=w", "--checkpoint=newest"], "--checkpoint"),
+])
+def test_bad_flags_end_in_one_line(args, expect, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    from hrdecoder_jax import evaluate
+    assert evaluate.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
+
+
+def test_no_module_imports_an_entry_point():
+    """Only experiments/ (which drives whole runs) may import train, evaluate, predict or benchmark."""
+    entry = re.compile(r"(from hrdecoder_jax(\.| import )(train|evaluate|predict|benchmark)\b|"
+                       r"import hrdecoder_jax\.(train|evaluate|predict|benchmark)\b)")
+    offenders = []
+    for path in (REPO / "hrdecoder_jax").rglob("*.py"):
+        if "experiments" in path.parts:
+            continue
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if entry.search(line):
+                offenders.append(f"{path.relative_to(REPO)}:{i}: {line.strip()}")
+    assert offenders == []
