@@ -205,12 +205,10 @@ def exit_process(status: int) -> None:
 def check_writable_dir(path: str, what: str) -> str:
     """Create ``path`` if needed and make sure a file can be written there, before any work starts;
     raises ``CommandError`` naming ``what`` (e.g. '--output') otherwise. Returns the absolute path."""
-    import tempfile
+    from hrdecoder_jax.workdir import probe_writable
     path = os.path.abspath(os.path.expanduser(path))
     try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test.", delete=True) as f:
-            f.write(b"ok")
+        probe_writable(path)
     except OSError as e:
         raise CommandError(f"{what} {path} is not writable ({describe(e)})") from None
     return path

@@ -83,6 +83,16 @@ def fcn_baseline_config(*, width: int = 48, **kwargs) -> ml_collections.ConfigDi
     return m
 
 
+def field(cfg, key: str, default=None):
+    """``cfg.key`` of a ConfigDict, dict or plain object, or ``default`` when it is absent or None (for
+    the optional settings of older configs: the evaluation and data readers use it)."""
+    try:
+        value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    except (AttributeError, KeyError):
+        return default
+    return default if value is None else value
+
+
 class ConfigError(ValueError):
     """An invalid setting; the message names the field and says why."""
 

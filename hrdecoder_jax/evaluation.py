@@ -19,13 +19,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from hrdecoder_jax.config_utils import field
 
-def _get(cfg, key, default=None):
-    try:
-        value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-    except (AttributeError, KeyError):
-        return default
-    return default if value is None else value
 
 
 def _label_of(batch: dict) -> np.ndarray:
@@ -86,19 +81,19 @@ def evaluate(model, config, *, split: str | None = None, max_images: int | None 
             forward = make_forward(model)
         else:
             forward = model
-    eval_cfg = _get(config, "eval", {})
+    eval_cfg = field(config, "eval", {})
     if dataset is None:
-        split = split or _get(eval_cfg, "split", "test")
+        split = split or field(eval_cfg, "split", "test")
         from hrdecoder_jax.data import open_split
         dataset = open_split(config.data, split)
     if max_images is None:
-        max_images = _get(eval_cfg, "max_images")
+        max_images = field(eval_cfg, "max_images")
     if max_images is not None:
         dataset = dataset.take(int(max_images))
     total = int(dataset.cardinality())
     total_text = str(total) if total >= 0 else "?"
     test_cfg = config.model.test_cfg
-    accumulator = LesionMetricAccumulator(num_fine_thresholds=_get(eval_cfg, "num_fine_thresholds"))
+    accumulator = LesionMetricAccumulator(num_fine_thresholds=field(eval_cfg, "num_fine_thresholds"))
     names: list[str] = []
     t_start = time.perf_counter()
     for i, batch in enumerate(make_eval_dataset(dataset, config.data)):

@@ -25,15 +25,21 @@ class WorkdirError(RuntimeError):
     """The workdir cannot be used (not writable, or in use by another run); the message names it."""
 
 
+def probe_writable(path: str) -> None:
+    """Create the folder ``path`` if needed and write (and remove) a probe file of this process there;
+    raises the ``OSError`` that says why not."""
+    os.makedirs(path, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test.", delete=True) as f:
+        f.write(b"ok")
+
+
 def check_writable(workdir: str) -> str:
     """Create ``workdir`` if needed and write a probe file there; returns its absolute path. Every process
     of a multi-process run probes with a file of its own (a shared name let one process delete another's
     probe mid-check)."""
     workdir = os.path.abspath(os.path.expanduser(workdir))
     try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test.", delete=True) as f:
-            f.write(b"ok")
+        probe_writable(workdir)
     except OSError as e:
         what = "disk full" if e.errno == errno.ENOSPC else e.strerror
         raise WorkdirError(f"workdir {workdir} is not writable ({what}); choose another --workdir") from None

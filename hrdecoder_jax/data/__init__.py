@@ -18,6 +18,7 @@ import os
 import re
 
 from hrdecoder_jax import LESIONS
+from hrdecoder_jax.config_utils import field
 from hrdecoder_jax.data.contract import DatasetError, DatasetNotFoundError
 from hrdecoder_jax.data.synthetic import (SyntheticFundus, SyntheticFundusConfig, example_seed, generate_fundus,
                                           synthetic_config)
@@ -113,13 +114,6 @@ def num_examples(name: str, split: str, *, data_dir, manual_dir=None, **builder_
     return int(builder.info.splits[split].num_examples)
 
 
-def _field(cfg, key, default=None):
-    try:
-        value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-    except (AttributeError, KeyError):
-        return default
-    return default if value is None else value
-
 
 def open_split(data_config, split: str):
     """The raw ``tf.data.Dataset`` of ``split`` for ``data_config`` (a config's ``data`` section).
@@ -130,11 +124,11 @@ def open_split(data_config, split: str):
     """
     name = data_config.name
     kwargs: dict[str, Any] = {}
-    synthetic = _field(data_config, "synthetic")
+    synthetic = field(data_config, "synthetic")
     if name == "synthetic_fundus" and synthetic is not None:
         kwargs["config"] = synthetic_config(**(synthetic.to_dict() if hasattr(synthetic, "to_dict") else dict(synthetic)))
-    data_dir = os.path.expanduser(os.fspath(_field(data_config, "data_dir", "") or "~/tensorflow_datasets"))
-    manual_dir = _field(data_config, "manual_dir")
+    data_dir = os.path.expanduser(os.fspath(field(data_config, "data_dir", "") or "~/tensorflow_datasets"))
+    manual_dir = field(data_config, "manual_dir")
     if manual_dir:
         manual_dir = os.path.expanduser(os.fspath(manual_dir))
     else:

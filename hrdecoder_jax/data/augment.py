@@ -141,6 +141,11 @@ def _lerp_gather(x: tf.Tensor, i0, i1, frac, axis: int) -> tf.Tensor:
     return a + (b - a) * f
 
 
+def _window(out_size, offset, window):
+    """``(out_h, out_w), (y, x), (h, w)`` of a window of a resize's output (default: all of it)."""
+    return tuple(out_size), tuple(offset), tuple(out_size if window is None else window)
+
+
 def resize_bilinear_window(image: tf.Tensor, out_size, offset=(0, 0), window=None) -> tf.Tensor:
     """A window of the bilinear (cv2 INTER_LINEAR, no antialias) resize of ``image`` to ``out_size``.
 
@@ -157,11 +162,7 @@ def resize_bilinear_window(image: tf.Tensor, out_size, offset=(0, 0), window=Non
       float32 [h, w, C].
     """
     shape = tf.shape(image)
-    out_h, out_w = out_size
-    y, x = offset
-    if window is None:
-        window = (out_h, out_w)
-    wh, ww = window
+    (out_h, out_w), (y, x), (wh, ww) = _window(out_size, offset, window)
     r0, r1, rf = bilinear_indices(shape[0], out_h)
     c0, c1, cf = bilinear_indices(shape[1], out_w)
     r0, r1, rf = r0[y:y + wh], r1[y:y + wh], rf[y:y + wh]
@@ -192,11 +193,7 @@ def resize_bilinear(image: tf.Tensor, out_size) -> tf.Tensor:
 def resize_nearest_window(label: tf.Tensor, out_size, offset=(0, 0), window=None) -> tf.Tensor:
     """A window of the cv2 INTER_NEAREST resize of ``label`` [H, W] or [H, W, C]; dtype kept."""
     shape = tf.shape(label)
-    out_h, out_w = out_size
-    y, x = offset
-    if window is None:
-        window = (out_h, out_w)
-    wh, ww = window
+    (out_h, out_w), (y, x), (wh, ww) = _window(out_size, offset, window)
     rows = nearest_indices(shape[0], out_h)[y:y + wh]
     cols = nearest_indices(shape[1], out_w)[x:x + ww]
     return tf.gather(tf.gather(label, rows, axis=0), cols, axis=1)
