@@ -1,0 +1,235 @@
+"""Run every bad input and interruption of docs/reliability.md against the commands, and print the table.
+
+    python launch/reliability_cases.py [--out docs/reliability_table.md] [--keep DIR]
+
+Each case runs a real ``python -m hrdecoder_jax.<command>`` in a scratch folder on a toy model (width 4,
+64 px synthetic images, a few steps), and reports the exit code and the ``error:``/notice line the user
+sees. A development tool: it takes a few minutes on a CPU and writes only into its scratch folder (and
+``--out``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+CONFIG = '''from hrdecoder_jax import config_utils
+
+
+def get_config():
+    c = config_utils.base_config()
+    c.seed = 0
+    c.model = config_utils.model_config(width=4, num_modules=(1, 1, 1, 1), num_blocks=1, channels=8,
+                                        kernel_size=3, hr_scale=(32, 32), crop_num=2, test_mode="whole",
+                                        test_crop_size=(64, 64), test_stride=(32, 32))
+    c.data = config_utils.synthetic_data_config(image_size=(64, 64), num_train=7, num_test=2,
+                                                crop_size=(64, 64), ratio_range=(0.75, 1.25))
+    c.data.data_dir = {data!r}
+    c.data.val_count = 1
+    c.total_steps = 4
+    c.global_batch_size = 4
+    c.log_every = 1
+    c.eval_every = 0
+    c.checkpoint_every = 2
+    c.optimizer.warmup_steps = 2
+    c.optimizer.name = "adamw"
+    c.optimizer.lr = 1e-3
+    return c
+'''
+
+
+class Cases:
+    def __init__(self, root: pathlib.Path):
+        self.root = root
+        self.cfg = root / "toy.py"
+        self.cfg.write_text(CONFIG.format(data=str(root / "data")))
+        self.rows: list[tuple[str, int, str, str]] = []
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", HRDECODER_JAX_CACHE=str(root / "xla_cache"))
+
+    def cmd(self, command: str, *args: str) -> list[str]:
+        return [sys.executable, "-m", f"hrdecoder_jax.{command}", *args]
+
+    def run(self, argv, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(argv, capture_output=True, text=True, env=self.env, timeout=900, **kw)
+
+    def record(self, case: str, result, kept: str, pick=("error:",)) -> None:
+        lines = [line for line in (result.stderr + result.stdout).splitlines()
+                 if any(line.startswith(p) or p in line for p in pick)]
+        line = lines[-1] if lines else "(no message)"
+        line = line.replace(str(self.root), "…")
+        self.rows.append((case, result.returncode, line, kept))
+        print(f"[{result.returncode:>3}] {case}: {line}", flush=True)
+
+    def train(self, work: str, *extra: str, **kw):
+        return self.run(self.cmd("train", f"--config={self.cfg}", f"--workdir={self.root / work}", *extra), **kw)
+
+
+def flip_bytes(path: pathlib.Path, count: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    start = len(data) // 2
+    for i in range(start, min(start + count, len(data))):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def largest_data_file(step_dir: pathlib.Path) -> pathlib.Path:
+    files = [p for p in (step_dir / "model").rglob("*") if p.is_file() and "d" in p.parent.name]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="write the markdown table here")
+    parser.add_argument("--keep", default=None, help="scratch folder to use and keep (default: a temporary one)")
+    args = parser.parse_args()
+    root = pathlib.Path(args.keep or tempfile.mkdtemp(prefix="hrd_reliability_")).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    c = Cases(root)
+    t0 = time.time()
+
+    # A finished reference run that the other cases damage copies of.
+    done = c.train("run")
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    def copy_run(name: str) -> pathlib.Path:
+        shutil.copytree(root / "run", root / name, symlinks=True)
+        (root / name / ".lock").unlink(missing_ok=True)
+        return root / name
+
+    c.record("re-run the command of a finished run", c.train("run"),
+             "everything; prints the stored test metrics, saves nothing", pick=("already finished",))
+
+    w = copy_run("corrupt_eval")
+    flip_bytes(largest_data_file(w / "checkpoints" / "4"))
+    c.record("64 bytes flipped in a checkpoint data file, `evaluate --checkpoint latest`",
+             c.run(c.cmd("evaluate", f"--config={c.cfg}", f"--workdir={w}", "--checkpoint=latest")),
+             "the checkpoint (refused, not used)")
+    c.record("the same, `predict`", c.run(c.cmd("predict", f"--config={c.cfg}", f"--workdir={w}",
+                                                 "--checkpoint=latest", f"--input={root}", f"--output={root / 'p'}")),
+             "the checkpoint (refused)")
+    w = copy_run("corrupt_train")
+    flip_bytes(largest_data_file(w / "checkpoints" / "4"))
+    c.record("the same, training resumes (`--config.total_steps=6`)", c.train("corrupt_train", "--config.total_steps=6"),
+             "step 4 moved to `corrupt/4`; resumes from step 2 and finishes", pick=("falling back",))
+    w = copy_run("missing_file")
+    largest_data_file(w / "checkpoints" / "4").unlink()
+    c.record("a checkpoint data file deleted, `evaluate`",
+             c.run(c.cmd("evaluate", f"--config={c.cfg}", f"--workdir={w}", "--checkpoint=latest")), "the other steps")
+    w = copy_run("truncated_file")
+    f = largest_data_file(w / "checkpoints" / "4")
+    f.write_bytes(f.read_bytes()[:100])
+    c.record("a checkpoint data file truncated, `evaluate`",
+             c.run(c.cmd("evaluate", f"--config={c.cfg}", f"--workdir={w}", "--checkpoint=latest")), "the other steps")
+    c.record("`evaluate --checkpoint=7` (no such step)",
+             c.run(c.cmd("evaluate", f"--config={c.cfg}", f"--workdir={root / 'run'}", "--checkpoint=7")), "")
+    c.record("`evaluate` on a workdir without checkpoints",
+             c.run(c.cmd("evaluate", f"--config={c.cfg}", f"--workdir={root / 'empty'}")), "")
+
+    # Two processes on one workdir.
+    first = subprocess.Popen(c.cmd("train", f"--config={c.cfg}", f"--workdir={root / 'shared'}",
+                                   "--config.total_steps=100000", "--config.checkpoint_every=100000"),
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=c.env)
+    for line in first.stdout:
+        if line.startswith("[train] step 1/"):
+            break
+    c.record("a second `train` on a workdir in use", c.train("shared"), "the first run, untouched")
+    first.send_signal(signal.SIGINT)
+    rest = first.stdout.read()
+    first.wait()
+    c.rows.append(("Ctrl-C during training", first.returncode,
+                   next((l for l in rest.splitlines() if "received signal" in l), "(no message)"),
+                   "a checkpoint of the step reached; re-running resumes"))
+    print(c.rows[-1], flush=True)
+    w = copy_run("stale")
+    (w / ".lock").write_text('{"command": "train", "host": "elsewhere", "pid": 999999, "started": "2026-01-01 00:00:00"}')
+    c.record("a stale lock of a dead process", c.train("stale"), "the run; the lock is taken over",
+             pick=("taking over",))
+
+    # Config and flag errors.
+    c.record("a config typo `--config.totl_steps=5`", c.train("typo", "--config.totl_steps=5"), "nothing written")
+    c.record("`--config.data.crop_size=(256,)`", c.train("crop", "--config.data.crop_size=(256,)"), "nothing written")
+    c.record("`--config.model.hr_settings.hr_scale=(30,30)`", c.train("hr", "--config.model.hr_settings.hr_scale=(30,30)"),
+             "nothing written")
+    c.record("an unknown flag `--bogus`", c.train("bogus", "--bogus"), "")
+    c.record("a config file that does not exist",
+             c.run(c.cmd("train", "--config=configs/no_such.py", f"--workdir={root / 'x'}")), "")
+    c.record("`--checkpoint=newest`",
+             c.run(c.cmd("evaluate", f"--config={c.cfg}", f"--workdir={root / 'run'}", "--checkpoint=newest")), "")
+    c.record("`--config.model.dtype=float64` without 64-bit JAX",
+             c.train("f64", "--config.model.dtype=float64"), "nothing written")
+    c.record("a missing IDRiD `manual_dir`",
+             c.train("idrid", "--config.data.name=idrid", f"--config.data.manual_dir={root / 'nowhere'}"), "")
+
+    # Unwritable outputs, before any work.
+    (root / "a_file").write_text("x")
+    c.record("`train --workdir` under a file", c.run(c.cmd("train", f"--config={c.cfg}", f"--workdir={root / 'a_file' / 'w'}")), "")
+    c.record("`evaluate --output` not writable",
+             c.run(c.cmd("evaluate", f"--config={c.cfg}", f"--workdir={root / 'run'}", f"--output={root / 'a_file' / 'o'}")),
+             "nothing evaluated")
+    c.record("`predict --output` not writable",
+             c.run(c.cmd("predict", f"--config={c.cfg}", f"--workdir={root / 'run'}", f"--input={root / 'a_file'}",
+                         f"--output={root / 'a_file' / 'o'}")), "nothing predicted")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    c.record("`predict` on an unreadable image (among good ones)",
+             c.run(c.cmd("predict", f"--config={c.cfg}", f"--workdir={root / 'run'}", f"--input={root / 'broken.jpg'}",
+                         f"--output={root / 'pred'}")), "the other images' outputs", pick=("error:", "skipped", "unreadable"))
+
+    # convert.
+    from_tiny = pathlib.Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "tiny_w18_256_hr128_seed0_state_dict.npz"
+    foreign = root / "foreign.npz"
+    np.savez(foreign, **{"encoder.layer1.weight": np.zeros((3, 3), np.float32)})
+    conv = lambda src, work, *extra: c.run(c.cmd("convert", "--config=configs/tiny.py", f"--torch-checkpoint={src}",
+                                                 f"--workdir={root / work}", *extra), cwd=from_tiny.parents[2])
+    c.record("`convert` of a state_dict that shares no tensor with the model", conv(foreign, "cv1"),
+             "nothing written (`--allow_partial` to accept)")
+    sd = dict(np.load(from_tiny))
+    sd["decode_head.conv_seg.weight"] = np.zeros((5, 64, 1, 1), np.float32)
+    np.savez(root / "shape.npz", **sd)
+    c.record("`convert` with a shape mismatch", conv(root / "shape.npz", "cv2"), "nothing written")
+    (root / "garbage.pth").write_bytes(b"not a checkpoint" * 10)
+    c.record("`convert` of a file that is not a checkpoint", conv(root / "garbage.pth", "cv3"), "nothing written")
+    (root / "truncated.npz").write_bytes(from_tiny.read_bytes()[:100000])
+    c.record("`convert` of a truncated .npz", conv(root / "truncated.npz", "cv4"), "nothing written")
+    c.record("`convert` of a missing file", conv(root / "missing.pth", "cv5"), "nothing written")
+    ok = conv(from_tiny, "cv6")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    c.record("`convert` twice into one workdir", conv(from_tiny, "cv6"), "the first conversion")
+    c.record("`convert --workdir` under a file", c.run(c.cmd("convert", "--config=configs/tiny.py",
+             f"--torch_checkpoint={from_tiny}", f"--workdir={root / 'a_file' / 'w'}"), cwd=from_tiny.parents[2]), "")
+
+    # Data.
+    from hrdecoder_jax.tools.write_layout import write_layout
+    lay = root / "layout"
+    write_layout(str(lay), "mmseg-png", num_train=2, num_test=1, height=64, width=64, seed=0)
+    prepared = c.train("md", "--config.data.name=idrid", f"--config.data.manual_dir={lay}",
+                       f"--config.data.data_dir={root / 'tfds'}")
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    lay2 = root / "layout2"
+    write_layout(str(lay2), "mmseg-png", num_train=2, num_test=1, height=64, width=64, seed=1)
+    c.record("the same `data_dir` prepared from another `manual_dir`",
+             c.train("md2", "--config.data.name=idrid", f"--config.data.manual_dir={lay2}",
+                     f"--config.data.data_dir={root / 'tfds'}"), "the data prepared from the first")
+
+    elapsed = time.time() - t0
+    table = ["| case | exit | what the user sees | what is kept |", "|---|---:|---|---|"]
+    table += [f"| {case} | {rc} | `{line.replace('|', '/')}` | {kept} |" for case, rc, line, kept in c.rows]
+    text = "\n".join(table) + "\n"
+    print(text)
+    print(f"{len(c.rows)} cases in {elapsed:.0f} s; scratch folder {root}")
+    if args.out:
+        pathlib.Path(args.out).write_text(text)
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
