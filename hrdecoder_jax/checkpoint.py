@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from typing import Any, Mapping
 
 import jax
@@ -90,6 +91,22 @@ def _manager(directory: str, max_to_keep: int, async_save: bool = True) -> ocp.C
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
+def _ensure_space(directory: str, step: int, tree: Any) -> None:
+    """Refuse a save that cannot fit before it starts. A background save that runs out of space fails
+    too (``check_for_errors``), but its threads then print hundreds of tracebacks; this check catches the
+    common case, a disk that is already too full, with one line. Needed: twice the arrays' bytes (Orbax
+    writes a temporary step before renaming it, and the step it replaces stays until then) plus 1 MiB."""
+    need = 2 * sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(tree)) + 2**20
+    where = directory if os.path.isdir(directory) else os.path.dirname(directory)
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return                                   # not knowable here: let the save itself report
+    if free < need:
+        raise CheckpointError(f"disk full: saving step {step} into {directory} needs about {need / 2**20:.1f} MiB, "
+                              f"{free / 2**20:.1f} MiB free; free space or choose another --workdir")
+
+
 class Checkpointer:
     """Latest and best checkpoints of a training run in ``workdir``."""
 
@@ -114,12 +131,14 @@ class Checkpointer:
         if step in self.latest.all_steps():
             return False
         self.check_for_errors()
+        _ensure_space(os.path.join(self.workdir, LATEST_DIR), step, (model, opt_state))
         return self.latest.save(step, args=_save_args(model, meta, opt_state), force=force)
 
     def save_best(self, step: int, *, model: Mapping, meta: dict) -> None:
         """Keep ``model`` as the best; a step already kept is not written again (a re-run of a finished run)."""
         if self.best is not None and step not in self.best.all_steps():
             self.check_for_errors()
+            _ensure_space(os.path.join(self.workdir, BEST_DIR), step, model)
             self.best.save(step, args=_save_args(model, meta), force=True)
 
     def best_step(self) -> int | None:
@@ -135,12 +154,22 @@ class Checkpointer:
         return sorted(self.latest.all_steps(), reverse=True)
 
     def check_for_errors(self) -> None:
-        """Raise the error of a failed background save now (e.g. a full disk), not one save later."""
+        """Raise the error of a failed background save now (e.g. a full disk), not one save later. After
+        a failed save ``wait`` returns at once: waiting on the failed save's threads only multiplies
+        their errors (hundreds of tracebacks), and nothing more can be written anyway."""
         for manager in (self.latest, self.best):
             if manager is not None:
-                manager.check_for_errors()
+                try:
+                    manager.check_for_errors()
+                except BaseException:
+                    self.save_failed = True
+                    raise
+
+    save_failed = False
 
     def wait(self) -> None:
+        if self.save_failed:
+            return
         self.latest.wait_until_finished()
         if self.best is not None:
             self.best.wait_until_finished()

@@ -88,8 +88,12 @@ def configure(purpose: str = "train") -> None:
 
 
 def hide_gpus_from_tensorflow() -> None:
-    """tf.data runs on the CPU; TensorFlow must never take accelerator memory from JAX."""
-    if importlib.util.find_spec("tensorflow") is None:
+    """tf.data runs on the CPU; TensorFlow must never take accelerator memory from JAX. Without TensorFlow
+    (or where it cannot be imported) there is nothing to hide."""
+    try:
+        if importlib.util.find_spec("tensorflow") is None:
+            return
+    except (ImportError, ValueError):
         return
     import tensorflow as tf
     try:
