@@ -210,7 +210,8 @@ def _restore(mgr: ocp.CheckpointManager, directory: str, step: int, model_target
     except FileNotFoundError as e:
         raise CheckpointCorruptError(f"{where}: a file is missing ({e.filename or _first_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - TensorStore/Orbax raise many kinds for unreadable files
-        raise CheckpointCorruptError(f"{where}: cannot be read ({type(e).__name__}: {_first_line(e)})") from None
+        raise CheckpointCorruptError(f"{where}: cannot be read, a data file is missing or damaged "
+                                     f"({_first_line(e)})") from None
     verify(restored, where)
     return restored
 
@@ -299,5 +300,8 @@ def restore_for_inference(config, workdir: str, which: str | int = "latest"):
 
 
 def _first_line(e: Exception) -> str:
+    """The first line of an error, without TensorStore's object dump ('See full TensorStore details')."""
     text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
+    line = text[0] if text else type(e).__name__
+    line = line.split(" See full TensorStore details")[0].rstrip(" .")
+    return line[:300]

@@ -151,6 +151,18 @@ def _expected_types() -> tuple[type, ...]:
             FloatingPointError, OSError)
 
 
+def _flag_error_text(e: BaseException) -> str:
+    """One line from a flag or config-override error. ml_collections reports an unknown field as a
+    KeyError whose text is the repr of a two-line message ("'totl_steps'\\nDid you mean ..."), sometimes
+    wrapped once more; undo that quoting."""
+    text = e.args[0] if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str) else str(e)
+    text = text.replace("\\n", "\n").replace("\\'", "'").strip()
+    lines = [line.strip() for line in text.splitlines()[:2] if line.strip()]
+    if len(lines) == 2 and "Did you mean" in lines[1]:
+        return f"no config field {lines[0].strip(chr(39) + chr(34))}; {lines[1].rstrip(chr(39) + chr(34))}"
+    return " ".join(lines) or type(e).__name__
+
+
 def main(name: str, doc: str, define: Callable[[flags.FlagValues], None], run: Callable[[flags.FlagValues], int],
          argv: Sequence[str] | None = None, *, config: bool = True, purpose: str | None = "inference") -> int:
     """Parse, set the process up (``runtime.configure(purpose)``), run; returns the exit status."""
@@ -162,7 +174,7 @@ def main(name: str, doc: str, define: Callable[[flags.FlagValues], None], run: C
         fv = parse(name, define, argv, config=config)
     except (flags.Error, KeyError, AttributeError, ValueError, TypeError, OSError) as e:
         # flags.Error for bad flags; the config loader raises the others for a bad file or override.
-        msg = " ".join(line.strip() for line in str(e).strip().splitlines()[:2]) or type(e).__name__
+        msg = _flag_error_text(e)
         print(f"error: {msg} (python -m hrdecoder_jax.{name} --help lists the flags)", file=sys.stderr)
         return 2
     verbose = fv.verbose

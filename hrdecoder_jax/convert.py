@@ -96,8 +96,9 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
             try:
                 raw = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001 - torch raises many kinds; one line names the file
+                first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
                 raise WeightImportError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
-                                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+                                        f"{first[:200]})") from None
     else:
         raw = source
     if isinstance(raw, Mapping) and "state_dict" in raw and isinstance(raw["state_dict"], Mapping):
@@ -204,5 +205,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # Run the imported module, not this ``__main__`` copy of it, so its error classes are the ones the
+    # rest of the package (and ``cli``'s one-line handler) knows.
+    import importlib
     from hrdecoder_jax.cli import exit_process
-    exit_process(main())
+    exit_process(importlib.import_module("hrdecoder_jax.convert").main())

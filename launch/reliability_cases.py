@@ -112,8 +112,12 @@ def main() -> int:
     c.record("64 bytes flipped in a checkpoint data file, `evaluate --checkpoint latest`",
              c.run(c.cmd("evaluate", f"--config={c.cfg}", f"--workdir={w}", "--checkpoint=latest")),
              "the checkpoint (refused, not used)")
+    from PIL import Image
+    photos = root / "photos"
+    photos.mkdir()
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(photos / "good.png")
     c.record("the same, `predict`", c.run(c.cmd("predict", f"--config={c.cfg}", f"--workdir={w}",
-                                                 "--checkpoint=latest", f"--input={root}", f"--output={root / 'p'}")),
+                                                 "--checkpoint=latest", f"--input={photos}", f"--output={root / 'p'}")),
              "the checkpoint (refused)")
     w = copy_run("corrupt_train")
     flip_bytes(largest_data_file(w / "checkpoints" / "4"))
@@ -177,13 +181,13 @@ def main() -> int:
     c.record("`predict --output` not writable",
              c.run(c.cmd("predict", f"--config={c.cfg}", f"--workdir={root / 'run'}", f"--input={root / 'a_file'}",
                          f"--output={root / 'a_file' / 'o'}")), "nothing predicted")
-    (root / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    c.record("`predict` on an unreadable image (among good ones)",
-             c.run(c.cmd("predict", f"--config={c.cfg}", f"--workdir={root / 'run'}", f"--input={root / 'broken.jpg'}",
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    c.record("`predict` on a folder with an unreadable image among good ones",
+             c.run(c.cmd("predict", f"--config={c.cfg}", f"--workdir={root / 'run'}", f"--input={photos}",
                          f"--output={root / 'pred'}")), "the other images' outputs", pick=("error:", "skipped", "unreadable"))
 
     # convert.
-    from_tiny = pathlib.Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "tiny_w18_256_hr128_seed0_state_dict.npz"
+    from_tiny = pathlib.Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tiny_w18_256_hr128_seed0_state_dict.npz"
     foreign = root / "foreign.npz"
     np.savez(foreign, **{"encoder.layer1.weight": np.zeros((3, 3), np.float32)})
     conv = lambda src, work, *extra: c.run(c.cmd("convert", "--config=configs/tiny.py", f"--torch-checkpoint={src}",

@@ -220,12 +220,27 @@ def test_convert_errors_are_one_line(fixtures_dir, tmp_path, capsys, monkeypatch
     assert "already exists" in one_error_line(capsys)
 
 
+def test_errors_of_a_command_run_as_main_are_expected_ones(fixtures_dir, tmp_path):
+    """``python -m hrdecoder_jax.convert`` runs the module as ``__main__``; its errors must still be the
+    package's own classes (a ``__main__`` copy of ``WeightImportError`` would be 'unexpected')."""
+    sd = dict(np.load(fixtures_dir / "tiny_w18_256_hr128_seed0_state_dict.npz"))
+    sd["decode_head.conv_seg.weight"] = np.zeros((5, 64, 1, 1), np.float32)
+    np.savez(tmp_path / "shape.npz", **sd)
+    result = subprocess.run([sys.executable, "-m", "hrdecoder_jax.convert", "--config=configs/tiny.py",
+                             f"--torch-checkpoint={tmp_path / 'shape.npz'}", f"--workdir={tmp_path / 'w'}"],
+                            capture_output=True, text=True, timeout=600, cwd=REPO)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr[-2000:]
+    assert "shape mismatch for decode_head.conv_seg.weight" in errors[0] and "unexpected" not in errors[0]
+    assert "Traceback" not in result.stderr
+
+
 def test_config_errors_are_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
     from hrdecoder_jax import train
     base = ["--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}"]
     assert train.main(base + ["--config.totl_steps=5"]) == 2
-    assert "totl_steps" in one_error_line(capsys)
+    assert "no config field totl_steps; Did you mean \"total_steps\"" in one_error_line(capsys)
     assert train.main(base + ["--config.data.crop_size=(256,)"]) == 1
     assert "data.crop_size=(256,) must be two positive numbers" in one_error_line(capsys)
     assert not (tmp_path / "w" / "checkpoints").exists()
