@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 
+# A deliberately tiny model (width 4, 64 px) so every case runs in seconds; configs/tiny.py is the fixture's.
 CONFIG = '''from hrdecoder_jax import config_utils
 
 

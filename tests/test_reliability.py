@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ import pytest
 from hrdecoder_jax import checkpoint, config_utils
 from hrdecoder_jax.train import train_and_evaluate
 from hrdecoder_jax.workdir import WorkdirError, WorkdirLock
-from test_train import shrunk_synthetic_config
+from test_train import shrunk_synthetic_config, signal_running_training
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -304,17 +303,8 @@ def test_a_changed_manual_dir_is_refused(tmp_path):
 def test_ctrl_c_saves_like_sigterm(tmp_path):
     cfg_file = write_config_file(tmp_path, tmp_path / "data", eval_every=0, checkpoint_every=100000,
                                  total_steps=100000)
-    proc = subprocess.Popen([sys.executable, "-m", "hrdecoder_jax.train", f"--config={cfg_file}",
-                             f"--workdir={tmp_path / 'w'}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    deadline = time.time() + 400
-    for line in proc.stdout:
-        if line.startswith("[train] step 2/"):
-            break
-        assert time.time() < deadline, "training did not start"
-    proc.send_signal(signal.SIGINT)
-    rest = proc.stdout.read()
-    assert proc.wait(timeout=300) == 130
+    status, rest = signal_running_training(cfg_file, tmp_path / "w", signal.SIGINT)
+    assert status == 130
     assert f"received signal {int(signal.SIGINT)}" in rest
     steps = [int(s) for s in os.listdir(tmp_path / "w" / "checkpoints") if s.isdigit()]
     assert steps and min(steps) >= 2

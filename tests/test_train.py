@@ -3,8 +3,10 @@ import importlib.util
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -219,10 +221,24 @@ def test_accumulation_and_bf16_options_train(tmp_path, override):
     assert out["total"] == pytest.approx(ref["total"], rel=0.05)
 
 
+def signal_running_training(cfg_file, workdir, sig) -> tuple[int, str]:
+    """Start ``python -m hrdecoder_jax.train`` on ``cfg_file``, send ``sig`` once step 2 is logged; returns
+    the exit status and the output after the signal."""
+    proc = subprocess.Popen([sys.executable, "-m", "hrdecoder_jax.train", f"--config={cfg_file}",
+                             f"--workdir={workdir}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    deadline = time.time() + 400
+    for line in proc.stdout:                       # wait until training runs
+        if line.startswith("[train] step 2/"):
+            break
+        assert time.time() < deadline, "training did not start"
+    proc.send_signal(sig)
+    rest = proc.stdout.read()
+    return proc.wait(timeout=300), rest
+
+
 def test_sigterm_saves_and_exits(tmp_path):
     """SIGTERM (a preemption, SLURM's warning signal) saves the current step and exits with status 143."""
-    import signal
-    import time
     cfg_file = tmp_path / "cfg.py"
     cfg_file.write_text(
         "import sys\n"
@@ -233,18 +249,8 @@ def test_sigterm_saves_and_exits(tmp_path):
         "    c.eval_every = 0\n"
         "    c.checkpoint_every = 100000\n"
         "    return c\n")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "hrdecoder_jax.train", f"--config={cfg_file}",
-                             f"--workdir={tmp_path / 'w'}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, env=env)
-    deadline = time.time() + 400
-    for line in proc.stdout:                       # wait until training runs
-        if line.startswith("[train] step 2/"):
-            break
-        assert time.time() < deadline, "training did not start"
-    proc.send_signal(signal.SIGTERM)
-    rest = proc.stdout.read()
-    assert proc.wait(timeout=300) == 143
+    status, rest = signal_running_training(cfg_file, tmp_path / "w", signal.SIGTERM)
+    assert status == 143
     assert "[stop] received signal" in rest
     steps = [int(s) for s in os.listdir(tmp_path / "w" / "checkpoints") if s.isdigit()]
     assert len(steps) == 1 and steps[0] >= 2
