@@ -1,6 +1,6 @@
 """Write a synthetic dataset to disk in a real dataset's layout, so the real loaders run end to end.
 
-    python -m hrdecoder_jax.tools.write_layout --layout idrid --out DIR [--zip] \
+    python -m hrdecoder_jax.tools.write_layout --layout idrid --out DIR [--zip] \\
         [--num-train N --num-test N --height H --width W --seed S]
 
 Layouts:
