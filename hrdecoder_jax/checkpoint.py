@@ -113,6 +113,7 @@ class Checkpointer:
     def __init__(self, workdir: str, *, keep_latest: int = 2, keep_best: bool = True, async_save: bool = True):
         self.workdir = os.path.abspath(workdir)
         self._options = (keep_latest, keep_best, async_save)
+        self.save_failed = False     # set by check_for_errors: a background save failed
         self.latest = _manager(os.path.join(self.workdir, LATEST_DIR), keep_latest, async_save)
         self.best = _manager(os.path.join(self.workdir, BEST_DIR), 1, async_save) if keep_best else None
 
@@ -165,7 +166,6 @@ class Checkpointer:
                     self.save_failed = True
                     raise
 
-    save_failed = False
 
     def wait(self) -> None:
         if self.save_failed:
