@@ -187,7 +187,7 @@ def measure_throughput(ds, data_config, global_batch_size: int, num_batches: int
     from hrdecoder_jax.data import pipeline
 
     it = pipeline.make_train_dataset(ds, data_config, global_batch_size=global_batch_size, seed=seed,
-                                     process_index=0, process_count=1)
+                                     process_index=0, process_count=1, raw=True)   # as the trainer reads it
     for _ in range(warmup_batches):
         next(it)
     t0 = time.perf_counter()
@@ -274,8 +274,10 @@ def run_benchmark(config: ml_collections.ConfigDict, what: Sequence[str] = DEFAU
     res["params"] = count_params(model)
 
     h, w = train_size
-    train_images = jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32)
-    train_labels = jax.ShapeDtypeStruct((batch, h, w), jnp.int32)
+    # What the trainer's step takes: the host pipeline's raw crops (uint8 image, crop sizes, packed masks).
+    train_images = {"image": jax.ShapeDtypeStruct((batch, h, w, 3), jnp.uint8),
+                    "valid": jax.ShapeDtypeStruct((batch, 2), jnp.int32)}
+    train_labels = jax.ShapeDtypeStruct((batch, h, w), jnp.uint8)
     infer_images = jax.ShapeDtypeStruct((1, *infer_size, 3), jnp.float32)
 
     if need_train:
@@ -289,7 +291,9 @@ def run_benchmark(config: ml_collections.ConfigDict, what: Sequence[str] = DEFAU
             traces.append(1)
             return step_fn(*args)
 
-        step_fn = make_train_step(structure, tx, seed=config.seed)
+        from hrdecoder_jax.data import on_device   # the trainer's device-side end of the input pipeline
+
+        step_fn = make_train_step(structure, tx, seed=config.seed, finish=on_device.make_finish(config.data))
         mesh = make_mesh(jax.devices()[:1])                            # one device: the per-device cost
         step = jit_train_step(counted, mesh)
         if concrete:   # placed as the trainer places them, so the timed calls reuse this compilation
@@ -312,9 +316,10 @@ def run_benchmark(config: ml_collections.ConfigDict, what: Sequence[str] = DEFAU
             res["train_flops_per_image"] = None if f is None else f / batch
         if run_train:
             rng = np.random.default_rng(0)
-            images = jnp.asarray(rng.standard_normal((batch, h, w, 3), np.float32))
-            labels = jnp.asarray(np.where(rng.random((batch, h, w)) < 0.02,
-                                          rng.integers(1, 5, (batch, h, w)), 0).astype(np.int32))
+            images = {"image": jnp.asarray(rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8)),
+                      "valid": jnp.asarray(np.tile(np.int32([h, w]), (batch, 1)))}
+            labels = jnp.asarray(np.where(rng.random((batch, h, w)) < 0.02,     # one lesion bit per pixel
+                                          1 << rng.integers(0, 4, (batch, h, w)), 0).astype(np.uint8))
             state = [params, rest, opt_state]
             losses = []
             traces_before = len(traces)

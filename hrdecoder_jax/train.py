@@ -357,25 +357,26 @@ def _read_results(path: str) -> dict:
 
 def _loop(run: _Run, tx, mesh, train_ds, start_step: int, stop_after: int | None) -> dict:
     """The training steps from ``start_step`` to ``config.total_steps``, or to a stop (signal, ``stop_after``)."""
-    from hrdecoder_jax.data import pipeline
+    from hrdecoder_jax.data import on_device, pipeline
 
     config, ckpt, say = run.config, run.ckpt, run.say
     data_sharding = NamedSharding(mesh, P("data"))
+    # The host sends raw uint8 crops; the step normalises them and builds the labels (data.on_device).
     jit_step = jit_train_step(make_train_step(run.structure, tx, seed=config.seed,
-                                              grad_accum_steps=config.grad_accum_steps), mesh)
+                                              grad_accum_steps=config.grad_accum_steps,
+                                              finish=on_device.make_finish(config.data)), mesh)
     batches = pipeline.make_train_dataset(
         train_ds, config.data, global_batch_size=config.global_batch_size, seed=config.seed,
-        start_step=start_step, process_index=jax.process_index(), process_count=jax.process_count())
+        start_step=start_step, process_index=jax.process_index(), process_count=jax.process_count(), raw=True)
     schedule = learning_rate_schedule(config.optimizer, config.total_steps)
-    label_key = "masks" if config.data.label_mode == "multilabel" else "label"
     last: dict = {}
     t0 = t_log = time.perf_counter()
     steps_since = 0
     with _StopSignals() as stop:
         for step in range(start_step, config.total_steps):
             batch = next(batches)
-            images = jax.make_array_from_process_local_data(data_sharding, batch["image"])
-            labels = jax.make_array_from_process_local_data(data_sharding, batch[label_key])
+            images = {k: jax.make_array_from_process_local_data(data_sharding, batch[k]) for k in ("image", "valid")}
+            labels = jax.make_array_from_process_local_data(data_sharding, batch["packed"])
             run.params, run.rest, run.opt_state, metrics = jit_step(run.params, run.rest, run.opt_state,
                                                                     jnp.int32(step), images, labels)
             total, grad_norm = (float(v) for v in jax.device_get((metrics["total"], metrics["grad_norm"])))

@@ -48,12 +48,14 @@ def merge_model(structure: TrainState, params: dict, rest: dict) -> nnx.Module:
 
 
 def make_train_step(structure: TrainState, tx: optax.GradientTransformation, *, seed: int,
-                    grad_accum_steps: int = 1):
+                    grad_accum_steps: int = 1, finish=None):
     """``step(params, rest, opt_state, step, images, labels) -> (params, rest, opt_state, metrics)``.
 
     ``params`` and ``rest`` are the plain dicts of ``split_for_training`` (``opt_state = tx.init(params)``).
     Crop boxes come from ``fold_in(PRNGKey(seed), step)``, so the function is traced once for every draw
     and a resumed run draws the same crops. ``metrics``: the loss terms and ``grad_norm``.
+    ``finish``: optional ``(images, labels) -> (images, labels)`` applied first, inside the step (the
+    trainer passes ``data.on_device.make_finish``: the host sends raw uint8 crops, normalised here).
     """
     base_key = jax.random.PRNGKey(seed)
 
@@ -65,6 +67,8 @@ def make_train_step(structure: TrainState, tx: optax.GradientTransformation, *, 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def step_fn(params, rest, opt_state, step, images, labels):
+        if finish is not None:
+            images, labels = finish(images, labels)
         key = jax.random.fold_in(base_key, step)
         if grad_accum_steps == 1:
             (_, (losses, rest)), grads = grad_fn(params, rest, images, labels, key)

@@ -61,10 +61,14 @@ def test_compiled_train_step_has_no_gather_or_scatter():
     model.train()
     structure, params, rest = split_for_training(model)
     tx = make_optimizer(config_utils.optimizer_config(), 100)
-    step = jax.jit(make_train_step(structure, tx, seed=0))
+    from hrdecoder_jax.data import on_device
+    # With the device end of the input pipeline, as the trainer runs it (raw uint8 crops in).
+    step = jax.jit(make_train_step(structure, tx, seed=0,
+                                   finish=on_device.make_finish(config_utils.default_data_config())))
     hlo = step.lower(params, rest, jax.eval_shape(tx.init, params), jax.ShapeDtypeStruct((), jnp.int32),
-                     jax.ShapeDtypeStruct((1, 128, 128, 3), jnp.float32),
-                     jax.ShapeDtypeStruct((1, 128, 128), jnp.int32)).compile().as_text()
+                     {"image": jax.ShapeDtypeStruct((1, 128, 128, 3), jnp.uint8),
+                      "valid": jax.ShapeDtypeStruct((1, 2), jnp.int32)},
+                     jax.ShapeDtypeStruct((1, 128, 128), jnp.uint8)).compile().as_text()
     ops = set(re.findall(r"= \S+ ([a-z\-]+)\(", hlo))
     assert "convolution" in ops or any("fusion" in o for o in ops)     # it is the real step
     assert not {o for o in ops if "gather" in o or "scatter" in o}, ops

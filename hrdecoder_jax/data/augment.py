@@ -146,7 +146,7 @@ def _window(out_size, offset, window):
     return tuple(out_size), tuple(offset), tuple(out_size if window is None else window)
 
 
-def resize_bilinear_window(image: tf.Tensor, out_size, offset=(0, 0), window=None) -> tf.Tensor:
+def resize_bilinear_window(image: tf.Tensor, out_size, offset=(0, 0), window=None, flip=False) -> tf.Tensor:
     """A window of the bilinear (cv2 INTER_LINEAR, no antialias) resize of ``image`` to ``out_size``.
 
     Equal to ``resize_bilinear(image, out_size)[y:y+h, x:x+w]`` but computes only the window
@@ -158,6 +158,9 @@ def resize_bilinear_window(image: tf.Tensor, out_size, offset=(0, 0), window=Non
       out_size: (out_h, out_w) of the full resize.
       offset: (y, x) of the window in the resized image.
       window: (h, w) of the window; default the full output.
+      flip: bool (a tensor is fine): the window mirrored left-right. Each output pixel is computed
+        by the same formula from the same source pixels, only its column is reversed, so this is
+        bit for bit ``hflip`` of the unflipped window, without a pass over the result.
     Returns:
       float32 [h, w, C].
     """
@@ -173,6 +176,7 @@ def resize_bilinear_window(image: tf.Tensor, out_size, offset=(0, 0), window=Non
     r0, r1, c0, c1 = r0 - ry, r1 - ry, c0 - cx, c1 - cx
     src_h, src_w = r1[-1] + 1, c1[-1] + 1
     wh, ww = tf.size(r0), tf.size(c0)
+    c0, c1, cf = (_maybe_reverse(v, flip) for v in (c0, c1, cf))
 
     # The result is separable; interpolate first along the axis that shrinks the intermediate
     # more (the order only changes float rounding, and is a function of the sizes alone).
@@ -185,17 +189,26 @@ def resize_bilinear_window(image: tf.Tensor, out_size, offset=(0, 0), window=Non
     return tf.cond(wh * src_w <= src_h * ww, rows_first, cols_first)
 
 
+def _maybe_reverse(v: tf.Tensor, flip) -> tf.Tensor:
+    if isinstance(flip, bool):
+        return tf.reverse(v, [0]) if flip else v
+    return tf.cond(flip, lambda: tf.reverse(v, [0]), lambda: v)
+
+
 def resize_bilinear(image: tf.Tensor, out_size) -> tf.Tensor:
     """Bilinear resize [H, W, C] -> float32 [out_h, out_w, C] (cv2 INTER_LINEAR, no antialias)."""
     return resize_bilinear_window(image, out_size)
 
 
-def resize_nearest_window(label: tf.Tensor, out_size, offset=(0, 0), window=None) -> tf.Tensor:
-    """A window of the cv2 INTER_NEAREST resize of ``label`` [H, W] or [H, W, C]; dtype kept."""
+def resize_nearest_window(label: tf.Tensor, out_size, offset=(0, 0), window=None, flip=False) -> tf.Tensor:
+    """A window of the cv2 INTER_NEAREST resize of ``label`` [H, W] or [H, W, C]; dtype kept.
+
+    ``flip``: the window mirrored left-right (reversed column indices; see ``resize_bilinear_window``).
+    """
     shape = tf.shape(label)
     (out_h, out_w), (y, x), (wh, ww) = _window(out_size, offset, window)
     rows = nearest_indices(shape[0], out_h)[y:y + wh]
-    cols = nearest_indices(shape[1], out_w)[x:x + ww]
+    cols = _maybe_reverse(nearest_indices(shape[1], out_w)[x:x + ww], flip)
     return tf.gather(tf.gather(label, rows, axis=0), cols, axis=1)
 
 
@@ -211,6 +224,15 @@ def quantize_uint8(x: tf.Tensor) -> tf.Tensor:
     ``saturate_cast``; re-quantising reproduces that loss of precision.
     """
     return tf.clip_by_value(tf.floor(x + 0.5), 0.0, 255.0)
+
+
+def to_uint8(x: tf.Tensor) -> tf.Tensor:
+    """``quantize_uint8(x)`` as uint8: the same values (integers 0..255), a quarter of the bytes.
+
+    ``trunc(clip(x, 0, 255) + 0.5)``: for x in [0, 255] it is the very same float addition as
+    ``floor(x + 0.5)`` (truncation is floor on non-negatives), and outside that range both give 0 or 255.
+    """
+    return tf.cast(tf.clip_by_value(x, 0.0, 255.0) + 0.5, tf.uint8)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,11 @@ Training, per example, in the reference's order (mmseg 0.x pipeline of the lesio
 7. label: fused map int32 (overwrite order EX < HE < SE < MA; ``label_mode="overwrite"``) or the
    four masks uint8 (``label_mode="multilabel"``).
 
+Where the work happens: steps 1-4 and the pad run on the host (``train_transform_raw``; the image stays
+uint8, the flip is folded into the crop's column indices); steps 5-7 (``finish_example``) run either here
+or, in training, on the accelerator inside the train step (``data.on_device.finish_batch``, the same float32
+operations), so the host produces and copies uint8 crops, a quarter of the float32 bytes.
+
 Evaluation (``MultiScaleFlipAug(flip=False)``): image resized to ``test_scale`` with
 keep_ratio=False (bilinear, no antialias, uint8 rounding), normalised; label at the ORIGINAL
 resolution; batch 1 because sizes differ.
@@ -108,8 +113,13 @@ def _finish_label(packed: tf.Tensor, label_mode: str) -> dict:
     return {"masks": augment.unpack_masks(packed)}
 
 
-def train_transform(image: tf.Tensor, packed: tf.Tensor, key: tf.Tensor, data_config) -> dict:
-    """The training augmentation of one example (steps 1-7 of the module docstring).
+def train_transform_raw(image: tf.Tensor, packed: tf.Tensor, key: tf.Tensor, data_config) -> dict:
+    """The random part of the training augmentation of one example (steps 1-4, pad of step 6).
+
+    What ``train_transform`` computes, before normalisation: ``finish_example`` (here, in TensorFlow)
+    or ``data.on_device.finish_batch`` (in the train step's jit) turn it into the model's input, bit for
+    bit the same. The image stays uint8 while it is on the uint8 grid (``quantize_uint8``), so the host
+    moves a quarter of the bytes, and the flip is folded into the crop's column indices.
 
     Args:
       image: uint8 [H, W, 3] RGB at base (decoded) resolution.
@@ -117,11 +127,12 @@ def train_transform(image: tf.Tensor, packed: tf.Tensor, key: tf.Tensor, data_co
       key: stateless key int64 [2]; the output is a pure function of (image, packed, key).
       data_config: see ``default_data_config``.
     Returns:
-      ``{"image": float32 [crop_h, crop_w, 3], "label": int32 [crop_h, crop_w]}`` or ``"masks"``
-      uint8 [crop_h, crop_w, 4] instead of ``"label"``.
+      ``{"image": [crop_h, crop_w, 3]`` uint8 (float32 without ``quantize_uint8``), raw RGB, 0 in the
+      padding, ``"packed": uint8 [crop_h, crop_w]`` packed masks, 0 in the padding, ``"valid": int32 [2]``
+      (rows, columns) of the crop before padding``}``.
     """
     cfg = data_config
-    label_mode = _check_label_mode(cfg)
+    _check_label_mode(cfg)
     crop_h, crop_w = (int(v) for v in cfg.crop_size)
     k_ratio, k_crop, k_flip, k_rot, k_angle = tf.unstack(tf.random.experimental.stateless_split(key, 5))
 
@@ -159,15 +170,15 @@ def train_transform(image: tf.Tensor, packed: tf.Tensor, key: tf.Tensor, data_co
         return tf.logical_or(tf.equal(nonzero, 0), bg_share >= cat_max_ratio)
 
     off = augment.select_crop(k_crop, (new_h, new_w), (crop_h, crop_w), fused_counts, cat_max_ratio,
-                          reject_fn=background_dominates)
-    lab = packed_window(off[0], off[1])
-    img = augment.resize_bilinear_window(image, (new_h, new_w), (off[0], off[1]), (ch, cw))
-    if cfg.quantize_uint8:
-        img = augment.quantize_uint8(img)
+                              reject_fn=background_dominates)
 
-    # 3. RandomFlip (horizontal).
+    # 3. RandomFlip (horizontal), folded into the window's column indices (the same pixels, mirrored).
     do_flip = tf.random.stateless_uniform([], k_flip, dtype=tf.float64) < float(cfg.flip_prob)
-    img, lab = tf.cond(do_flip, lambda: (augment.hflip(img), augment.hflip(lab)), lambda: (img, lab))
+    lab = augment.resize_nearest_window(packed, (new_h, new_w), (off[0], off[1]), (ch, cw), flip=do_flip)
+    img = augment.resize_bilinear_window(image, (new_h, new_w), (off[0], off[1]), (ch, cw), flip=do_flip)
+    quantize = bool(cfg.quantize_uint8)
+    if quantize:
+        img = augment.to_uint8(img)
 
     # 4. RandomRotate: border 0 on the RAW image (so -mean/std after Normalize) and on the label.
     d_lo, d_hi = _degree_range(cfg.rotate_degree)
@@ -175,21 +186,46 @@ def train_transform(image: tf.Tensor, packed: tf.Tensor, key: tf.Tensor, data_co
     angle = tf.random.stateless_uniform([], k_angle, minval=d_lo, maxval=d_hi, dtype=tf.float64)
 
     def _rotate():
-        r_img = augment.rotate(img, angle, interpolation="BILINEAR", fill_value=0.0)
-        if cfg.quantize_uint8:
-            r_img = augment.quantize_uint8(r_img)
+        r_img = augment.rotate(tf.cast(img, tf.float32), angle, interpolation="BILINEAR", fill_value=0.0)
+        r_img = augment.to_uint8(r_img) if quantize else r_img
         r_lab = augment.rotate(lab[..., None], angle, interpolation="NEAREST", fill_value=0.0)[..., 0]
         return r_img, r_lab
 
     img, lab = tf.cond(do_rot, _rotate, lambda: (img, lab))
 
-    # 5. Normalize, then 6. Pad (so padded pixels are 0 in normalised space).
-    img = augment.normalize(img, cfg.mean, cfg.std)
-    img = augment.pad_to(img, (crop_h, crop_w), 0.0)
-    lab = augment.pad_to(lab, (crop_h, crop_w), 0)
-    img = tf.ensure_shape(img, [crop_h, crop_w, 3])
-    lab = tf.ensure_shape(lab, [crop_h, crop_w])
-    return {"image": img, **_finish_label(lab, label_mode)}
+    # 6. Pad (raw 0 here; finishing sets the padding to 0 in normalised space).
+    img = tf.ensure_shape(augment.pad_to(img, (crop_h, crop_w), 0), [crop_h, crop_w, 3])
+    lab = tf.ensure_shape(augment.pad_to(lab, (crop_h, crop_w), 0), [crop_h, crop_w])
+    return {"image": img, "packed": lab, "valid": tf.stack([ch, cw])}
+
+
+def finish_example(raw: dict, data_config) -> dict:
+    """``train_transform_raw``'s output -> the model's input (steps 5-7), in TensorFlow.
+
+    5. Normalize; 6. the padding (outside ``valid``) 0 in normalised space; 7. the label. The device
+    twin, ``data.on_device.finish_batch``, computes the same values with the same float32 operations.
+    """
+    img = augment.normalize(raw["image"], data_config.mean, data_config.std)
+    shape = tf.shape(img)
+    inside = tf.logical_and(tf.range(shape[0])[:, None] < raw["valid"][0],
+                            tf.range(shape[1])[None, :] < raw["valid"][1])
+    img = tf.where(inside[..., None], img, tf.zeros_like(img))
+    return {"image": img, **_finish_label(raw["packed"], _check_label_mode(data_config))}
+
+
+def train_transform(image: tf.Tensor, packed: tf.Tensor, key: tf.Tensor, data_config) -> dict:
+    """The training augmentation of one example (steps 1-7 of the module docstring).
+
+    Args:
+      image: uint8 [H, W, 3] RGB at base (decoded) resolution.
+      packed: uint8 [H, W] packed masks (see ``augment.pack_masks``).
+      key: stateless key int64 [2]; the output is a pure function of (image, packed, key).
+      data_config: see ``default_data_config``.
+    Returns:
+      ``{"image": float32 [crop_h, crop_w, 3], "label": int32 [crop_h, crop_w]}`` or ``"masks"``
+      uint8 [crop_h, crop_w, 4] instead of ``"label"``.
+    """
+    return finish_example(train_transform_raw(image, packed, key, data_config), data_config)
 
 
 def eval_transform(example: dict, data_config) -> dict:
@@ -347,7 +383,8 @@ def train_example_indices(num_examples: int, *, global_batch_size: int, seed: in
 
 def build_train_dataset(ds: tf.data.Dataset, data_config, *, global_batch_size: int, seed: int,
                         start_step: int = 0, process_index: int | None = None,
-                        process_count: int | None = None, num_examples: int | None = None) -> tf.data.Dataset:
+                        process_count: int | None = None, num_examples: int | None = None,
+                        raw: bool = False) -> tf.data.Dataset:
     """The infinite, batched training ``tf.data.Dataset`` of one process (see ``make_train_dataset``)."""
     process_index, process_count = _process_info(process_index, process_count)
     if global_batch_size % process_count:
@@ -364,7 +401,8 @@ def build_train_dataset(ds: tf.data.Dataset, data_config, *, global_batch_size: 
     def load_and_augment(k):
         g = _stream_positions(k, global_batch_size=global_batch_size, per_process=b, process_index=process_index)
         ex = source.fetch(_example_index(g, n, seed))
-        return train_transform(ex["image"], ex["packed"], _augment_key(g, seed), data_config)
+        out = train_transform_raw(ex["image"], ex["packed"], _augment_key(g, seed), data_config)
+        return out if raw else finish_example(out, data_config)
 
     out = (tf.data.Dataset.counter(start=start_step * b, dtype=tf.int64)
            .map(load_and_augment, num_parallel_calls=npc, deterministic=True)
@@ -375,7 +413,8 @@ def build_train_dataset(ds: tf.data.Dataset, data_config, *, global_batch_size: 
 
 def make_train_dataset(ds: tf.data.Dataset, data_config, *, global_batch_size: int, seed: int,
                        start_step: int = 0, process_index: int | None = None,
-                       process_count: int | None = None, num_examples: int | None = None) -> Iterator[dict]:
+                       process_count: int | None = None, num_examples: int | None = None,
+                       raw: bool = False) -> Iterator[dict]:
     """Infinite iterator of this process's numpy training batches.
 
     Args:
@@ -392,10 +431,13 @@ def make_train_dataset(ds: tf.data.Dataset, data_config, *, global_batch_size: i
       b = global_batch_size // process_count (``"masks"`` uint8 [b, crop_h, crop_w, 4] instead of
       ``"label"`` when ``label_mode="multilabel"``). Concatenating the processes' batches in process
       order gives the global batch.
+      With ``raw=True``: ``train_transform_raw``'s ``{"image": uint8, "packed", "valid"}`` batched, for
+      the trainer, which finishes them on the device (``data.on_device``); the same model input.
     """
     return build_train_dataset(ds, data_config, global_batch_size=global_batch_size, seed=seed,
                                start_step=start_step, process_index=process_index,
-                               process_count=process_count, num_examples=num_examples).as_numpy_iterator()
+                               process_count=process_count, num_examples=num_examples,
+                               raw=raw).as_numpy_iterator()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,7 +530,8 @@ def split_train_val(ds_or_names, data_config, *, test_ds=None, num_examples: int
 
 
 __all__ = [
-    "default_data_config", "ddr_data_config", "encode_example", "train_transform", "eval_transform",
+    "default_data_config", "ddr_data_config", "encode_example", "train_transform", "train_transform_raw",
+    "finish_example", "eval_transform",
     "build_train_dataset", "make_train_dataset", "build_eval_dataset", "make_eval_dataset",
     "train_example_indices", "val_indices", "split_train_val", "IDRID_MEAN", "IDRID_STD", "DDR_MEAN", "DDR_STD",
 ]
