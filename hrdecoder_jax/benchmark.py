@@ -151,7 +151,8 @@ def _memory(compiled) -> dict[str, int | None]:
     return res
 
 
-def _flops(compiled) -> float | None:
+def _cost(compiled, key: str = "flops") -> float | None:
+    """One figure of XLA's cost analysis of ``compiled``: "flops" or "bytes accessed" (None if absent)."""
     try:
         ca = compiled.cost_analysis()
     except Exception as e:
@@ -159,9 +160,13 @@ def _flops(compiled) -> float | None:
         return None
     if isinstance(ca, (list, tuple)):
         ca = ca[0] if ca else None
-    if not ca or "flops" not in ca:
+    if not ca or key not in ca:
         return None
-    return float(ca["flops"])
+    return float(ca[key])
+
+
+def _flops(compiled) -> float | None:
+    return _cost(compiled, "flops")
 
 
 def _time(fn, repeats: int) -> list[float]:
@@ -312,8 +317,10 @@ def run_benchmark(config: ml_collections.ConfigDict, what: Sequence[str] = DEFAU
         if "memory_train" in what:
             res.update({f"train_mem_{k}": v for k, v in _memory(compiled).items()})
         if "flops_train" in what:
-            f = _flops(compiled)
+            f, b = _flops(compiled), _cost(compiled, "bytes accessed")
             res["train_flops_per_image"] = None if f is None else f / batch
+            # Against the step time this says whether the step is bound by memory traffic or by arithmetic.
+            res["train_bytes_accessed_per_image"] = None if b is None else b / batch
         if run_train:
             rng = np.random.default_rng(0)
             images = {"image": jnp.asarray(rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8)),
@@ -390,7 +397,8 @@ def run_benchmark(config: ml_collections.ConfigDict, what: Sequence[str] = DEFAU
     return res
 
 
-UNITS = (("_bytes", "bytes"), ("_per_s", "images/s"), ("_flops_per_image", "FLOP/image"), ("_s", "s"),
+UNITS = (("_bytes", "bytes"), ("_per_s", "images/s"), ("_flops_per_image", "FLOP/image"),
+         ("_bytes_accessed_per_image", "bytes/image"), ("_s", "s"),
          ("params", "parameters"), ("_count", "compilations"), ("_size", ""), ("input_over_train_demand", "x"))
 
 
@@ -407,7 +415,7 @@ def _fmt(name: str, v) -> str:
     if v is None:
         return "n/a"
     if isinstance(v, float):
-        if name.endswith("_flops_per_image"):
+        if name.endswith("_flops_per_image") or name.endswith("_bytes_accessed_per_image"):
             return f"{v / 1e9:,.2f} G"
         return f"{v:.4g}"
     if isinstance(v, int) and name.endswith("_bytes"):
