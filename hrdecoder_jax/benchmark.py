@@ -165,10 +165,6 @@ def _cost(compiled, key: str = "flops") -> float | None:
     return float(ca[key])
 
 
-def _flops(compiled) -> float | None:
-    return _cost(compiled, "flops")
-
-
 def _time(fn, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
@@ -317,7 +313,7 @@ def run_benchmark(config: ml_collections.ConfigDict, what: Sequence[str] = DEFAU
         if "memory_train" in what:
             res.update({f"train_mem_{k}": v for k, v in _memory(compiled).items()})
         if "flops_train" in what:
-            f, b = _flops(compiled), _cost(compiled, "bytes accessed")
+            f, b = _cost(compiled, "flops"), _cost(compiled, "bytes accessed")
             res["train_flops_per_image"] = None if f is None else f / batch
             # Against the step time this says whether the step is bound by memory traffic or by arithmetic.
             res["train_bytes_accessed_per_image"] = None if b is None else b / batch
@@ -371,7 +367,7 @@ def run_benchmark(config: ml_collections.ConfigDict, what: Sequence[str] = DEFAU
         if "memory_infer" in what:
             res.update({f"infer_mem_{k}": v for k, v in _memory(compiled).items()})
         if "flops_infer" in what:
-            res["infer_flops_per_image"] = _flops(compiled)
+            res["infer_flops_per_image"] = _cost(compiled, "flops")
         if "infer" in what:
             images = jnp.asarray(np.random.default_rng(1).standard_normal((1, *infer_size, 3), np.float32))
             _log("first (warm-up) forward ...")
@@ -415,7 +411,7 @@ def _fmt(name: str, v) -> str:
     if v is None:
         return "n/a"
     if isinstance(v, float):
-        if name.endswith("_flops_per_image") or name.endswith("_bytes_accessed_per_image"):
+        if name.endswith(("_flops_per_image", "_bytes_accessed_per_image")):
             return f"{v / 1e9:,.2f} G"
         return f"{v:.4g}"
     if isinstance(v, int) and name.endswith("_bytes"):
@@ -520,8 +516,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the imported module, not this ``__main__`` copy of it, so its error classes are the ones the
-    # rest of the package (and ``cli``'s one-line handler) knows.
-    import importlib
-    from hrdecoder_jax.cli import exit_process
-    exit_process(importlib.import_module("hrdecoder_jax.benchmark").main())
+    from hrdecoder_jax.cli import run_as_main
+    run_as_main("hrdecoder_jax.benchmark")

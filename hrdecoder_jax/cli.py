@@ -13,6 +13,7 @@ A command module defines ``define_flags(flag_values)`` and ``run(flag_values) ->
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import sys
 import traceback
@@ -212,6 +213,13 @@ def exit_process(status: int) -> None:
     if status:
         os._exit(status)
     sys.exit(status)
+
+
+def run_as_main(module: str) -> None:
+    """The ``if __name__ == "__main__"`` block of every command: run ``module``'s ``main`` as imported, not
+    the ``__main__`` copy of it that ``python -m`` executes, so its error classes are the ones the rest of
+    the package (and the one-line handler of ``main``) knows; then ``exit_process``."""
+    exit_process(importlib.import_module(module).main())
 
 
 def check_writable_dir(path: str, what: str) -> str:

@@ -153,6 +153,9 @@ def validate_model_config(model: ml_collections.ConfigDict, train_size: Sequence
                                   "(hr_scale x scale_ratio max)")
 
 
+# data.label_mode: the fused reference label (int32 0..4) or the four masks.
+LABEL_MODES = ("overwrite", "multilabel")
+
 IDRID_MEAN = (116.513, 56.437, 16.309)
 IDRID_STD = (80.206, 41.232, 13.293)
 DDR_MEAN = (81.205, 50.636, 21.216)
@@ -309,7 +312,7 @@ def validate_data_config(data: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"data.std={tuple(data.std)} must be positive")
     if data.validate_on not in ("val", "test"):
         raise ConfigError(f"data.validate_on must be 'val' or 'test', got {data.validate_on!r}")
-    if data.label_mode not in ("overwrite", "multilabel"):
+    if data.label_mode not in LABEL_MODES:
         raise ConfigError(f"data.label_mode must be 'overwrite' or 'multilabel', got {data.label_mode!r}")
 
 

@@ -156,8 +156,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the imported module, not this ``__main__`` copy of it, so its error classes are the ones the
-    # rest of the package (and ``cli``'s one-line handler) knows.
-    import importlib
-    from hrdecoder_jax.cli import exit_process
-    exit_process(importlib.import_module("hrdecoder_jax.evaluate").main())
+    from hrdecoder_jax.cli import run_as_main
+    run_as_main("hrdecoder_jax.evaluate")

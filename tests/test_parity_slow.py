@@ -2,7 +2,7 @@
 
     python -m pytest -q -m slow tests/test_parity_slow.py      # with HRDECODER_REFERENCE_EXPORTS=DIR
 
-``DIR`` holds exports of the original code made locally with ``../shared/reference/`` (the commands are in
+``DIR`` holds exports of the original code made locally with the reference tools (the commands are in
 ``tests/fixtures/README.md``, "Paper-scale exports"; the W48 weights are 250 MB per export, too big for the
 repository): for each tag, ``<tag>_io.npz`` + ``<tag>_seed3_state_dict.pth`` (float32 export) and
 ``<tag>_f64.npz`` (the same weights and input through the original in float64). Tags: ``w48_512_hr256`` (512 px

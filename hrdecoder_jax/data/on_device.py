@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-LABEL_MODES = ("overwrite", "multilabel")
+from hrdecoder_jax.config_utils import LABEL_MODES
 
 
 def finish_batch(image, packed, valid, *, mean, std, label_mode: str = "overwrite"):

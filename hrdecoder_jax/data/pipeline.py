@@ -54,15 +54,13 @@ import tensorflow as tf
 from hrdecoder_jax.data import augment  # noqa: E402
 # The data settings are plain config (no TensorFlow): they live in config_utils, re-exported here.
 from hrdecoder_jax.config_utils import (DDR_MEAN, DDR_STD, IDRID_MEAN, IDRID_STD,  # noqa: E402,F401
-                                        ddr_data_config, default_data_config)
+                                        LABEL_MODES, ddr_data_config, default_data_config)
 
 # Constants folded into the user seed so the epoch permutations and the augmentations draw from
 # unrelated streams even for the same (seed, counter).
 _SALT_EPOCH = 0x0E90C
 _SALT_AUG = 0xA06
 _SALT_TRAIN_KEY = 0x5EED
-
-_LABEL_MODES = ("overwrite", "multilabel")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,8 +69,8 @@ _LABEL_MODES = ("overwrite", "multilabel")
 
 
 def _check_label_mode(cfg) -> str:
-    if cfg.label_mode not in _LABEL_MODES:
-        raise ValueError(f"label_mode must be one of {_LABEL_MODES}, got {cfg.label_mode!r}")
+    if cfg.label_mode not in LABEL_MODES:
+        raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {cfg.label_mode!r}")
     return cfg.label_mode
 
 
@@ -216,11 +214,7 @@ def finish_example(raw: dict, data_config) -> dict:
 def train_transform(image: tf.Tensor, packed: tf.Tensor, key: tf.Tensor, data_config) -> dict:
     """The training augmentation of one example (steps 1-7 of the module docstring).
 
-    Args:
-      image: uint8 [H, W, 3] RGB at base (decoded) resolution.
-      packed: uint8 [H, W] packed masks (see ``augment.pack_masks``).
-      key: stateless key int64 [2]; the output is a pure function of (image, packed, key).
-      data_config: see ``default_data_config``.
+    Arguments as ``train_transform_raw``, whose output ``finish_example`` turns into the model's input.
     Returns:
       ``{"image": float32 [crop_h, crop_w, 3], "label": int32 [crop_h, crop_w]}`` or ``"masks"``
       uint8 [crop_h, crop_w, 4] instead of ``"label"``.
