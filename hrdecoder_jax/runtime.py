@@ -1,16 +1,21 @@
-"""Process set-up shared by every command: XLA's CPU options, the persistent compilation cache, TensorFlow
-kept off the accelerators. Call ``configure`` before the first JAX computation of the process.
+"""Process set-up shared by every command and by the Python API: XLA's CPU options, the convolution
+backend, the persistent compilation cache, TensorFlow kept off the accelerators.
+
+* ``configure(purpose)``: what every command calls first, and the one call of the Python API
+  (``hrdecoder_jax.setup()``). Call it before the first JAX computation of the process.
+* ``apply_xla_cpu_flags()``: the XLA CPU options alone; ``import hrdecoder_jax`` applies them when JAX's
+  backend has not started yet, so the API gets the commands' exact gradients without any call.
 
 XLA CPU options (only where no ``XLA_FLAGS`` choice of the user says otherwise, and only when no GPU/TPU
-plugin is installed). Measured on a 2-core AMD Zen 4 (HRNetV2-W18, batch 1; docs/benchmark.md):
+plugin is installed):
 
 * XLA hands reductions to YNNPACK by default, whose float32 sums lose precision: two gradients of the
-  reference fixture came out 4e-4 .. 8e-4 off with them and 5e-6 without; every command turns them off
-  (``-reduce``; 13% of the train step's time, the price of exact gradients).
-* YNNPACK convolutions run on one core each, XLA's Eigen convolutions on all: the eval forward is 1.2x
-  faster on Eigen (0.53 vs 0.63 s), the train step 1.15x faster on YNNPACK (whose backward convolutions
-  are faster at batch 1). Inference commands (``evaluate``, ``predict``) use Eigen; training keeps
-  YNNPACK's convolutions (both are exact).
+  reference fixture came out 4e-4 .. 8e-4 off with them and 5e-6 without; they are always off (``-reduce``).
+* Convolutions: float32 convolutions on a single-device CPU process run in oneDNN (``ops/conv.py``; all
+  three of forward, input and weight gradient, on every core); XLA's own convolutions remain for float64,
+  bfloat16, several devices, or where oneDNN is unavailable. For those, training keeps YNNPACK's (faster
+  backward at batch 1 on the AMD Zen 4 measured) and inference uses XLA's Eigen convolutions (all cores;
+  1.2x faster forward). ``HRDECODER_JAX_CONV=xla|onednn|auto`` overrides the convolution backend.
 
 Compilation cache: compiled programs are kept in ``$HRDECODER_JAX_CACHE`` (default
 ``~/.cache/hrdecoder_jax/xla``; ``off`` disables), so a resumed run or a second evaluation does not
@@ -21,6 +26,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import platform
+import sys
 
 CACHE_ENV = "HRDECODER_JAX_CACHE"
 DEFAULT_CACHE = os.path.join("~", ".cache", "hrdecoder_jax", "xla")
@@ -31,6 +38,10 @@ CPU_FLAGS = {
 }
 
 _log = logging.getLogger(__name__)
+# Whether the user's own XLA_FLAGS choose the YNNPACK fusions (then they are left alone), as the
+# environment was when this module was first imported; and what this module put there since.
+_USER_CHOSE_YNN = YNN_FLAG in os.environ.get("XLA_FLAGS", "")
+_applied: str | None = None
 
 
 def _accelerator_plugin_installed() -> bool:
@@ -44,8 +55,20 @@ def _accelerator_plugin_installed() -> bool:
 
 
 def _backend_started() -> bool:
-    from jax._src import xla_bridge
-    return bool(getattr(xla_bridge, "_backends", None))
+    xla_bridge = sys.modules.get("jax._src.xla_bridge")   # not imported yet: nothing has started
+    return bool(xla_bridge is not None and getattr(xla_bridge, "_backends", None))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere), for reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def xla_cpu_flags(purpose: str) -> str | None:
@@ -53,9 +76,28 @@ def xla_cpu_flags(purpose: str) -> str | None:
     ``XLA_FLAGS`` already choose, or an accelerator plugin is installed."""
     if purpose not in CPU_FLAGS:
         raise ValueError(f"purpose must be one of {sorted(CPU_FLAGS)}, got {purpose!r}")
-    if YNN_FLAG in os.environ.get("XLA_FLAGS", "") or _accelerator_plugin_installed():
+    if _USER_CHOSE_YNN or _accelerator_plugin_installed():
         return None
     return CPU_FLAGS[purpose]
+
+
+def apply_xla_cpu_flags(purpose: str = "train") -> bool:
+    """Put ``xla_cpu_flags(purpose)`` in ``XLA_FLAGS`` if JAX's backend has not started (XLA reads them then).
+    Returns whether the process runs with them (False: the user's choice, an accelerator, or too late)."""
+    global _applied
+    flags = xla_cpu_flags(purpose)
+    if not flags:
+        return False
+    if flags == _applied:
+        return True
+    if _backend_started():
+        _log.warning("JAX's backend is already running; XLA CPU options %s not applied (call "
+                     "hrdecoder_jax.setup() before the first JAX computation)", flags)
+        return False
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(YNN_FLAG)]
+    os.environ["XLA_FLAGS"] = " ".join(kept + [flags])
+    _applied = flags
+    return True
 
 
 def cache_dir() -> str | None:
@@ -67,13 +109,9 @@ def cache_dir() -> str | None:
 
 
 def configure(purpose: str = "train") -> None:
-    """Set XLA's CPU options for ``purpose``, turn on the compilation cache, hide the GPUs from TensorFlow."""
-    flags = xla_cpu_flags(purpose)
-    if flags:
-        if _backend_started():
-            _log.info("XLA backend already running; CPU options %s not applied", flags)
-        else:
-            os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+    """Set XLA's CPU options for ``purpose`` ('train' or 'inference'), turn on the compilation cache, hide
+    the GPUs from TensorFlow. The convolution backend follows ``HRDECODER_JAX_CONV`` (``ops/conv.py``)."""
+    apply_xla_cpu_flags(purpose)
     import jax
 
     directory = cache_dir()
@@ -89,7 +127,10 @@ def configure(purpose: str = "train") -> None:
 
 def hide_gpus_from_tensorflow() -> None:
     """tf.data runs on the CPU; TensorFlow must never take accelerator memory from JAX. Without TensorFlow
-    (or where it cannot be imported) there is nothing to hide."""
+    (or where it cannot be imported) there is nothing to hide, and without an accelerator plugin for JAX
+    there is nothing to keep TensorFlow from (TensorFlow is then not imported here: it costs seconds)."""
+    if "tensorflow" not in sys.modules and not _accelerator_plugin_installed():
+        return
     try:
         if importlib.util.find_spec("tensorflow") is None:
             return

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hrdecoder_jax.ops.conv import conv_general_dilated
+
 Array = jax.Array
 
 BN_EPS = 1e-5
@@ -56,7 +58,8 @@ def conv(in_channels: int, out_channels: int, kernel_size: int, *, stride: int =
     pad = kernel_size // 2
     return nnx.Conv(in_channels, out_channels, (kernel_size, kernel_size), strides=(stride, stride),
                     padding=((pad, pad), (pad, pad)), use_bias=use_bias, kernel_init=kernel_init,
-                    bias_init=nnx.initializers.zeros_init(), dtype=dtype, param_dtype=param_dtype(dtype), rngs=rngs)
+                    bias_init=nnx.initializers.zeros_init(), dtype=dtype, param_dtype=param_dtype(dtype),
+                    conv_general_dilated=conv_general_dilated, rngs=rngs)
 
 
 class BatchNorm(nnx.Module):
@@ -114,7 +117,7 @@ def conv_bn_forward(conv_layer: nnx.Conv, bn: BatchNorm, x: Array) -> Array:
         shift = shift + conv_layer.bias.get_value() * s
     dtype = conv_layer.dtype or jnp.promote_types(x.dtype, s.dtype)
     kernel = (conv_layer.kernel.get_value() * s).astype(dtype)
-    y = jax.lax.conv_general_dilated(x.astype(dtype), kernel, conv_layer.strides, conv_layer.padding,
+    y = conv_general_dilated(x.astype(dtype), kernel, conv_layer.strides, conv_layer.padding,
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=conv_layer.precision)
     return (y + shift.astype(dtype)).astype(dtype)
 

@@ -7,12 +7,15 @@ Rounds alternate ours / theirs for every row, so both see the same machine load;
 median of its timed repetitions after its warm-up, and the table gives the median over rounds.
 
   python launch/reference/side_by_side.py --reference-python REF_VENV/bin/python \\
-      --reference-harness PATH/TO/ref_hrdecoder.py [--rows w18_infer,w18_train,w48_infer,w48_train]
+      --reference-harness PATH/TO/ref_hrdecoder.py [--rows w18_infer,w18_train,w18_train_b4,...]
       [--rounds 3] [--repeats 5] [--json out.json]
 
-Rows (HRDecoder, batch 1, float32, ``--threads`` for PyTorch; JAX uses every core of the machine):
-  wXX_infer   eval forward (encode_decode) of a 1024 x 1024 image, hr_scale 512
-  wXX_train   one train step (forward_train + backward + SGD) on 512 x 512, hr_scale 256, 2 crops
+Rows (HRDecoder, float32, ``--threads`` for PyTorch; JAX uses every core of the machine); ``_bN`` sets the
+batch (default 1):
+  wXX_infer       eval forward (encode_decode) of a 1024 x 1024 image, hr_scale 512
+  wXX_train[_bN]  one train step (forward_train + backward + SGD) on N images of 512 x 512, hr_scale 256,
+                  2 crops
+The table names the CPU (``/proc/cpuinfo``): ratios differ between CPU kinds.
 """
 from __future__ import annotations
 
@@ -44,26 +47,47 @@ def _last_json(text: str, what: str | None = None) -> dict:
     raise RuntimeError(f"no JSON result in:\n{text[-2000:]}")
 
 
-def run_ours(width: int, kind: str, repeats: int) -> dict:
+def run_ours(width: int, kind: str, repeats: int, batch: int) -> dict:
     cmd = [sys.executable, "-m", "hrdecoder_jax.benchmark", "--config", str(REPO / "configs" / "idrid.py"),
-           "--width", str(width), "--repeats", str(repeats), *ROWS[kind]["ours"]]
+           "--width", str(width), "--repeats", str(repeats), "--batch", str(batch), *ROWS[kind]["ours"]]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True)
     return _last_json(out.stdout)
 
 
-def run_theirs(python: str, harness: str, width: int, kind: str, repeats: int, threads: int) -> dict:
+def run_theirs(python: str, harness: str, width: int, kind: str, repeats: int, threads: int, batch: int) -> dict:
     cmd = [python, "-W", "ignore", harness, "--mode", "time", "--width", str(width), "--warmup", "2",
-           "--runs", str(repeats), "--threads", str(threads), *ROWS[kind]["theirs"]]
+           "--runs", str(repeats), "--threads", str(threads), "--batch", str(batch), *ROWS[kind]["theirs"]]
     out = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(harness)), capture_output=True, text=True,
                          check=True)
     return _last_json(out.stdout, ROWS[kind]["their_what"])
+
+
+def parse_row(row: str) -> tuple[int, str, int]:
+    """``w18_train_b4`` -> (18, 'train', 4); ValueError for anything else."""
+    parts = row.split("_")
+    if (len(parts) not in (2, 3) or parts[0][:1] != "w" or not parts[0][1:].isdigit() or parts[1] not in ROWS
+            or (len(parts) == 3 and not (parts[2][:1] == "b" and parts[2][1:].isdigit() and int(parts[2][1:]) > 0))):
+        raise ValueError(row)
+    batch = int(parts[2][1:]) if len(parts) == 3 else 1
+    if parts[1] == "infer" and batch != 1:
+        raise ValueError(row)
+    return int(parts[0][1:]), parts[1], batch
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reference-python", required=True, help="interpreter of the original code's environment")
     p.add_argument("--reference-harness", required=True, help="path of ref_hrdecoder.py")
-    p.add_argument("--rows", default="w18_infer,w18_train,w48_infer,w48_train")
+    p.add_argument("--rows", default="w18_infer,w48_infer,w18_train,w18_train_b4,w48_train,w48_train_b4")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per process")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="PyTorch threads")
@@ -71,20 +95,25 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     for r in rows:
-        if not (r[:1] == "w" and "_" in r and r.split("_")[1] in ROWS and r[1:].split("_")[0].isdigit()):
-            p.error(f"unknown row {r!r}; rows are w18_infer, w18_train, w48_infer, w48_train")
+        try:
+            parse_row(r)
+        except ValueError:
+            p.error(f"unknown row {r!r}; rows are wWIDTH_infer or wWIDTH_train[_bBATCH], e.g. w18_train_b4")
+    cpu = cpu_model()
+    print(f"CPU: {cpu} ({os.cpu_count()} cores); PyTorch threads {args.threads}", flush=True)
     times = {r: {"ours": [], "theirs": []} for r in rows}
     for k in range(args.rounds):
         for r in rows:
-            width, kind = int(r[1:].split("_")[0]), r.split("_")[1]
-            ours = run_ours(width, kind, args.repeats)[ROWS[kind]["our_key"]]
+            width, kind, batch = parse_row(r)
+            ours = run_ours(width, kind, args.repeats, batch)[ROWS[kind]["our_key"]]
             theirs = run_theirs(args.reference_python, args.reference_harness, width, kind, args.repeats,
-                                args.threads)["median_s"]
+                                args.threads, batch)["median_s"]
             times[r]["ours"].append(ours)
             times[r]["theirs"].append(theirs)
             print(f"[round {k + 1}/{args.rounds}] {r}: ours {ours:.3f} s, original {theirs:.3f} s", flush=True)
+    print(f"\nCPU: {cpu}, {args.rounds} interleaved rounds, medians")
     print(f"\n| row | hrdecoder-jax | original PyTorch | ratio (ours / original) |\n|---|---:|---:|---:|")
-    summary = {}
+    summary = {"cpu": cpu}
     for r in rows:
         o, t = statistics.median(times[r]["ours"]), statistics.median(times[r]["theirs"])
         ratios = [a / b for a, b in zip(times[r]["ours"], times[r]["theirs"])]
