@@ -50,7 +50,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from hrdecoder_jax import config_utils, runtime
 from hrdecoder_jax.inference import make_forward
 from hrdecoder_jax.models import build_model, count_params
-from hrdecoder_jax.ops import conv as conv_ops
+from hrdecoder_jax.ops import library as cpu_kernels
 from hrdecoder_jax.optim import make_optimizer
 from hrdecoder_jax.train_step import jit_train_step, make_mesh, make_train_step, merge_model, split_for_training
 
@@ -260,7 +260,7 @@ def run_benchmark(config: ml_collections.ConfigDict, what: Sequence[str] = DEFAU
     res: dict[str, Any] = {
         "config": config_name, "device_kind": dev.device_kind, "platform": dev.platform,
         "cpu": runtime.cpu_model(), "jax_version": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "conv_backend": conv_ops.in_effect(),
+        "cpu_kernels": cpu_kernels.in_effect(),
         "model_type": model_cfg.type,
         "width": int(model_cfg.backbone.extra.stage2.num_channels[0]),
         "hr_scale": list(model_cfg.hr_settings.hr_scale) if model_cfg.get("hr_settings") else None,

@@ -1,10 +1,14 @@
-// 2-D convolutions for XLA's CPU backend through oneDNN: forward, input gradient and weight gradient.
+// CPU kernels for XLA (FFI custom calls), built on first use by hrdecoder_jax/ops/library.py (g++, the XLA
+// FFI headers that ship with jaxlib, the oneDNN headers and library of the onednn-cpu-gomp wheels); without
+// them the model keeps XLA's own operations.
 //
-// Why: XLA's CPU convolutions (YNNPACK) run each convolution on one core, and their weight gradients
-// at 25-50 GFLOP/s; oneDNN, which PyTorch uses on CPUs, runs all three near the machine's peak on every
-// core. Built on first use by hrdecoder_jax/ops/conv.py (g++, the XLA FFI headers that ship with jaxlib,
-// and the oneDNN headers and library of the onednn-cpu-gomp wheels); without them the model keeps XLA's
-// convolutions.
+// 1. 2-D convolutions through oneDNN: forward, input gradient and weight gradient. XLA's CPU convolutions
+//    (YNNPACK) run each convolution on one core, and their weight gradients at 25-50 GFLOP/s; oneDNN, which
+//    PyTorch uses on CPUs, runs all three near the machine's peak on every core.
+// 2. Batch-norm reductions: per-channel mean and variance of an [M, C] activation, and the two sums of
+//    its backward pass, accumulated in double (as PyTorch's CPU batch norm does). XLA rewrites each large
+//    float32 reduction into a tree of two kernels (for precision), several hundred per train step: the
+//    largest group of kernels it compiles and a seventh of the step's time.
 //
 // Layouts are the model's: activations NHWC, kernels HWIO, float32, all row-major (XLA's default layout
 // of a custom call's operands). Attributes: strides (sh, sw) and explicit padding (top, bottom, left,
@@ -13,6 +17,7 @@
 // Primitives are created once per shape and kept (creating one JIT-compiles its kernel); every call
 // brings its own scratchpad, so two XLA threads may run the same primitive at once.
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -214,6 +219,99 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HrdConvBackwardData, BackwardData,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HrdConvBackwardWeights, BackwardWeights,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------------
+// Batch-norm reductions. x is [M, C] row-major (any leading dimensions flattened); sums run over M for
+// every channel, in double, rows in order (deterministic), C channels side by side (vectorised).
+// ---------------------------------------------------------------------------------------------------
+
+constexpr int64_t kRowBlock = 256;   // rows summed into a block accumulator before it joins the total
+
+// mean[c] = sum_m x[m, c] / M;  var[c] = sum_m (x[m, c] - mean[c])^2 / M  (the biased variance).
+// One pass over x with shifted sums: s1 = sum (x - k), s2 = sum (x - k)^2 with k = x[0, c]; exact enough
+// in double for float32 data (the shift keeps the difference s2 - s1^2/M well conditioned).
+ffi::Error Moments(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var) {
+  auto dims = x.dimensions();
+  const int64_t c = dims[dims.size() - 1];
+  const int64_t m = c ? x.element_count() / c : 0;
+  const float* p = x.typed_data();
+  std::vector<double> shift(c), s1(c, 0.0), s2(c, 0.0), b1(c), b2(c);
+  for (int64_t j = 0; j < c; ++j) shift[j] = m ? p[j] : 0.0;
+  for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
+    std::fill(b1.begin(), b1.end(), 0.0);
+    std::fill(b2.begin(), b2.end(), 0.0);
+    const int64_t r1 = std::min(m, r0 + kRowBlock);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* row = p + r * c;
+      for (int64_t j = 0; j < c; ++j) {
+        const double d = static_cast<double>(row[j]) - shift[j];
+        b1[j] += d;
+        b2[j] += d * d;
+      }
+    }
+    for (int64_t j = 0; j < c; ++j) {
+      s1[j] += b1[j];
+      s2[j] += b2[j];
+    }
+  }
+  float* mu = mean->typed_data();
+  float* v = var->typed_data();
+  for (int64_t j = 0; j < c; ++j) {
+    const double a = m ? s1[j] / m : 0.0;
+    mu[j] = static_cast<float>(shift[j] + a);
+    v[j] = static_cast<float>(m ? std::max(s2[j] / m - a * a, 0.0) : 0.0);
+  }
+  return ffi::Error::Success();
+}
+
+// sum_dy[c] = sum_m dy[m, c];  sum_dy_xmu[c] = sum_m dy[m, c] * (x[m, c] - mean[c]).
+ffi::Error GradSums(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mean,
+                    ffi::ResultBuffer<ffi::F32> sum_dy, ffi::ResultBuffer<ffi::F32> sum_dy_xmu) {
+  auto dims = x.dimensions();
+  const int64_t c = dims[dims.size() - 1];
+  const int64_t m = c ? x.element_count() / c : 0;
+  const float* g = dy.typed_data();
+  const float* p = x.typed_data();
+  const float* mu = mean.typed_data();
+  std::vector<double> center(mu, mu + c), s1(c, 0.0), s2(c, 0.0), b1(c), b2(c);
+  for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
+    std::fill(b1.begin(), b1.end(), 0.0);
+    std::fill(b2.begin(), b2.end(), 0.0);
+    const int64_t r1 = std::min(m, r0 + kRowBlock);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* grow = g + r * c;
+      const float* xrow = p + r * c;
+      for (int64_t j = 0; j < c; ++j) {
+        const double d = grow[j];
+        b1[j] += d;
+        b2[j] += d * (static_cast<double>(xrow[j]) - center[j]);
+      }
+    }
+    for (int64_t j = 0; j < c; ++j) {
+      s1[j] += b1[j];
+      s2[j] += b2[j];
+    }
+  }
+  float* o1 = sum_dy->typed_data();
+  float* o2 = sum_dy_xmu->typed_data();
+  for (int64_t j = 0; j < c; ++j) {
+    o1[j] = static_cast<float>(s1[j]);
+    o2[j] = static_cast<float>(s2[j]);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HrdBnMoments, Moments,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HrdBnGradSums, GradSums,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 // Which oneDNN implementation a shape gets (for diagnostics: a "ref" kernel would be slow).
 extern "C" const char* hrd_conv_impl(int kind, const int64_t* d) {
