@@ -1,11 +1,23 @@
-"""The optimiser and learning-rate schedule of the reference (mmcv's SGD + PolyLrUpdaterHook), or AdamW."""
+"""The optimiser and learning-rate schedule of the reference (mmcv's SGD + PolyLrUpdaterHook), or AdamW.
+
+``make_optimizer`` gives an optax transformation (its ``init`` makes the state that checkpoints hold);
+``apply_gradients`` is the step the trainer takes with it: the new parameters and optimiser state and the
+gradient's L2 norm. On CPUs with the compiled kernels (``ops.library``) the step runs as one custom call over
+every parameter tensor (optax's formulas, operation for operation; the state keeps optax's structure), where
+XLA would compile three to five small kernels per tensor; elsewhere it is optax itself.
+"""
 from __future__ import annotations
 
+from typing import Any, Callable, NamedTuple
+
+import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from hrdecoder_jax import config_utils
+from hrdecoder_jax.ops import library
 
 
 def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int):
@@ -28,12 +40,89 @@ def learning_rate_schedule(opt: ml_collections.ConfigDict, total_steps: int):
     return schedule
 
 
-def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+class Optimizer(NamedTuple):
+    """An optax ``GradientTransformation`` (``init``, ``update``) that also says what it is, so that
+    ``apply_gradients`` can run it as one fused step."""
+
+    init: Callable
+    update: Callable
+    name: str                    # 'sgd' or 'adamw'
+    hyper: dict                  # momentum, weight_decay (sgd); b1, b2, eps, weight_decay (adamw)
+    schedule: Callable           # step count -> learning rate
+
+
+ADAM_EPS = 1e-8                  # optax.adamw's default, used as is
+
+
+def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> Optimizer:
     """SGD with PyTorch's coupled weight decay on every parameter (BN and biases included), or AdamW."""
     schedule = learning_rate_schedule(opt, total_steps)
     if opt.name == "sgd":
-        return optax.chain(optax.add_decayed_weights(opt.weight_decay),
-                           optax.sgd(schedule, momentum=opt.momentum))
-    if opt.name == "adamw":
-        return optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay)
-    raise config_utils.ConfigError(f"optimizer.name must be 'sgd' or 'adamw', got {opt.name!r}")
+        tx = optax.chain(optax.add_decayed_weights(opt.weight_decay), optax.sgd(schedule, momentum=opt.momentum))
+        hyper = dict(momentum=float(opt.momentum), weight_decay=float(opt.weight_decay))
+    elif opt.name == "adamw":
+        tx = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=ADAM_EPS, weight_decay=opt.weight_decay)
+        hyper = dict(b1=float(opt.b1), b2=float(opt.b2), eps=ADAM_EPS, weight_decay=float(opt.weight_decay))
+    else:
+        raise config_utils.ConfigError(f"optimizer.name must be 'sgd' or 'adamw', got {opt.name!r}")
+    return Optimizer(tx.init, tx.update, opt.name, hyper, schedule)
+
+
+def apply_gradients(tx, grads, opt_state, params) -> tuple[Any, Any, jax.Array]:
+    """``(new params, new optimiser state, global L2 norm of grads)`` for one step of ``tx``."""
+    leaves = jax.tree.leaves(params)
+    if (isinstance(tx, Optimizer) and leaves and all(x.dtype == jnp.float32 for x in leaves)
+            and library.use_native(jnp.float32)):
+        return _fused(tx, grads, opt_state, params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, optax.tree.norm(grads)
+
+
+def _fused(tx: Optimizer, grads, opt_state, params):
+    """The step as one custom call (``cpu_kernels.cc``: ``SgdStep`` / ``AdamwStep``), parameters and state
+    updated in place. The scalars are computed here exactly as optax computes them."""
+    p_leaves, treedef = jax.tree.flatten(params)
+    g_leaves = treedef.flatten_up_to(grads)
+    f32 = lambda v: np.float32(v)
+    if tx.name == "sgd":
+        decay_state, (trace_state, sched_state) = opt_state
+        count = sched_state.count
+        step = jnp.asarray(-1 * tx.schedule(count), jnp.float32)
+        states = [treedef.flatten_up_to(trace_state.trace)]
+        scalars = [step]
+        target, attrs = "hrd_sgd_step", dict(wd=f32(tx.hyper["weight_decay"]), momentum=f32(tx.hyper["momentum"]))
+    else:
+        adam_state, decay_state, sched_state = opt_state
+        count_inc = optax.safe_increment(adam_state.count)
+        b1, b2 = tx.hyper["b1"], tx.hyper["b2"]
+        c1 = (1 - b1 ** count_inc).astype(jnp.float32)
+        c2 = (1 - b2 ** count_inc).astype(jnp.float32)
+        step = jnp.asarray(-1 * tx.schedule(sched_state.count), jnp.float32)
+        states = [treedef.flatten_up_to(adam_state.mu), treedef.flatten_up_to(adam_state.nu)]
+        scalars = [step, c1, c2]
+        target = "hrd_adamw_step"
+        attrs = dict(b1=f32(b1), one_minus_b1=f32(1 - b1), b2=f32(b2), one_minus_b2=f32(1 - b2),
+                     eps=f32(tx.hyper["eps"]), wd=f32(tx.hyper["weight_decay"]))
+    operands, results, aliases = list(scalars), [], {}
+    for i, (p, g) in enumerate(zip(p_leaves, g_leaves)):
+        base = len(operands)
+        operands += [p, g, *(s[i] for s in states)]
+        for k, arr in enumerate([p, *(s[i] for s in states)]):
+            aliases[base + (0 if k == 0 else k + 1)] = len(results)
+            results.append(jax.ShapeDtypeStruct(arr.shape, arr.dtype))
+    results.append(jax.ShapeDtypeStruct((), jnp.float32))
+    out = jax.ffi.ffi_call(target, results, input_output_aliases=aliases)(*operands, **attrs)
+    per = 1 + len(states)
+    new_p = [out[i * per] for i in range(len(p_leaves))]
+    new_s = [[out[i * per + 1 + k] for i in range(len(p_leaves))] for k in range(len(states))]
+    norm = out[-1]
+    params = jax.tree.unflatten(treedef, new_p)
+    if tx.name == "sgd":
+        trace = jax.tree.unflatten(treedef, new_s[0])
+        opt_state = (decay_state, (trace_state._replace(trace=trace),
+                                   sched_state._replace(count=optax.safe_increment(count))))
+    else:
+        opt_state = (adam_state._replace(count=count_inc, mu=jax.tree.unflatten(treedef, new_s[0]),
+                                         nu=jax.tree.unflatten(treedef, new_s[1])),
+                     decay_state, sched_state._replace(count=optax.safe_increment(sched_state.count)))
+    return params, opt_state, norm

@@ -14,6 +14,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from hrdecoder_jax.optim import apply_gradients
+
 
 class TrainState(NamedTuple):
     """How a model travels through the jitted step: ``params`` and ``rest`` (BN statistics and every other
@@ -90,10 +92,9 @@ def make_train_step(structure: TrainState, tx: optax.GradientTransformation, *, 
             loss0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), loss0)
             (rest, grads, losses), _ = jax.lax.scan(
                 body, (rest, zeros, loss0), (split(images), split(labels), jnp.arange(n)))
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        params, opt_state, grad_norm = apply_gradients(tx, grads, opt_state, params)
         metrics = dict(losses)
-        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["grad_norm"] = grad_norm
         return params, rest, opt_state, metrics
 
     return step_fn

@@ -9,6 +9,9 @@
 //    its backward pass, accumulated in double (as PyTorch's CPU batch norm does). XLA rewrites each large
 //    float32 reduction into a tree of two kernels (for precision), several hundred per train step: the
 //    largest group of kernels it compiles and a seventh of the step's time.
+// 3. The optimiser step over every parameter at once (SGD with momentum and coupled weight decay, or
+//    AdamW, optax's formulas operation for operation) and the gradient norm: XLA compiles three to five
+//    small kernels per parameter tensor for these (about 4,000 of the W18 train step's 7,000).
 //
 // Layouts are the model's: activations NHWC, kernels HWIO, float32, all row-major (XLA's default layout
 // of a custom call's operands). Attributes: strides (sh, sw) and explicit padding (top, bottom, left,
@@ -18,6 +21,7 @@
 // brings its own scratchpad, so two XLA threads may run the same primitive at once.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -229,10 +233,15 @@ namespace {
 
 constexpr int64_t kRowBlock = 256;   // rows summed into a block accumulator before it joins the total
 
-// mean[c] = sum_m x[m, c] / M;  var[c] = sum_m (x[m, c] - mean[c])^2 / M  (the biased variance).
-// One pass over x with shifted sums: s1 = sum (x - k), s2 = sum (x - k)^2 with k = x[0, c]; exact enough
-// in double for float32 data (the shift keeps the difference s2 - s1^2/M well conditioned).
-ffi::Error Moments(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var) {
+// The training statistics of one batch norm: mean[c] = sum_m x[m, c] / M and the biased variance
+// var[c] = sum_m (x[m, c] - mean[c])^2 / M; rstd[c] = 1 / sqrt(var[c] + eps); and the running statistics
+// updated as the layer does: momentum * running + (1 - momentum) * batch (the variance unbiased, times
+// M / (M - 1)). One pass over x with shifted sums s1 = sum (x - k), s2 = sum (x - k)^2, k = x[0, c]: exact
+// enough in double for float32 data (the shift keeps s2 - s1^2 / M well conditioned).
+ffi::Error Moments(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> running_mean, ffi::Buffer<ffi::F32> running_var,
+                   ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> rstd,
+                   ffi::ResultBuffer<ffi::F32> new_mean, ffi::ResultBuffer<ffi::F32> new_var, float eps,
+                   float momentum, float one_minus_momentum, float unbias) {
   auto dims = x.dimensions();
   const int64_t c = dims[dims.size() - 1];
   const int64_t m = c ? x.element_count() / c : 0;
@@ -256,12 +265,20 @@ ffi::Error Moments(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> mean, ff
       s2[j] += b2[j];
     }
   }
+  const float* rm = running_mean.typed_data();
+  const float* rv = running_var.typed_data();
   float* mu = mean->typed_data();
-  float* v = var->typed_data();
+  float* rs = rstd->typed_data();
+  float* nm = new_mean->typed_data();
+  float* nv = new_var->typed_data();
   for (int64_t j = 0; j < c; ++j) {
     const double a = m ? s1[j] / m : 0.0;
-    mu[j] = static_cast<float>(shift[j] + a);
-    v[j] = static_cast<float>(m ? std::max(s2[j] / m - a * a, 0.0) : 0.0);
+    const float mean_j = static_cast<float>(shift[j] + a);
+    const float var_j = static_cast<float>(m ? std::max(s2[j] / m - a * a, 0.0) : 0.0);
+    mu[j] = mean_j;
+    rs[j] = 1.0f / std::sqrt(var_j + eps);
+    nm[j] = momentum * rm[j] + one_minus_momentum * mean_j;
+    nv[j] = momentum * rv[j] + one_minus_momentum * (var_j * unbias);
   }
   return ffi::Error::Success();
 }
@@ -306,12 +323,129 @@ ffi::Error GradSums(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x, ffi::Buff
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HrdBnMoments, Moments,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>().Attr<float>("eps").Attr<float>("momentum")
+                                  .Attr<float>("one_minus_momentum").Attr<float>("unbias"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HrdBnGradSums, GradSums,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------------
+// The optimiser step. Arguments: the scalars of this step (f32[]), then per parameter tensor its
+// parameter, gradient and state tensors; results: per tensor the new parameter and state tensors (aliased
+// onto the arguments: updated in place), then the gradient's global L2 norm (f32[], summed in double).
+// Every operation is optax's, in its order, in float32; multiply-adds contract into FMAs as in XLA's
+// kernels (-ffp-contract=fast).
+// ---------------------------------------------------------------------------------------------------
+
+template <typename Step>
+ffi::Error ForEachTensor(ffi::RemainingArgs args, ffi::RemainingRets rets, int scalars, int per_tensor_in,
+                         int per_tensor_out, Step step) {
+  const int64_t n = (static_cast<int64_t>(args.size()) - scalars) / per_tensor_in;
+  if (n * per_tensor_in + scalars != static_cast<int64_t>(args.size()) ||
+      n * per_tensor_out + 1 != static_cast<int64_t>(rets.size()))
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "optimiser step: operand count");
+  std::vector<float> scalar(scalars);
+  for (int i = 0; i < scalars; ++i) {
+    auto b = args.get<ffi::AnyBuffer>(i);
+    if (!b.has_value()) return b.error();
+    scalar[i] = *static_cast<const float*>(b->untyped_data());
+  }
+  std::vector<double> sq(n, 0.0);
+  for (int64_t t = 0; t < n; ++t) {
+    std::vector<float*> in(per_tensor_in), out(per_tensor_out);
+    int64_t count = -1;
+    for (int k = 0; k < per_tensor_in; ++k) {
+      auto b = args.get<ffi::AnyBuffer>(scalars + t * per_tensor_in + k);
+      if (!b.has_value()) return b.error();
+      in[k] = static_cast<float*>(b->untyped_data());
+      count = b->element_count();
+    }
+    for (int k = 0; k < per_tensor_out; ++k) {
+      auto r = rets.get<ffi::AnyBuffer>(t * per_tensor_out + k);
+      if (!r.has_value()) return r.error();
+      out[k] = static_cast<float*>((*r)->untyped_data());
+    }
+    double acc = 0.0;
+    step(scalar.data(), in.data(), out.data(), count, &acc);
+    sq[t] = acc;
+  }
+  double total = 0.0;
+  for (double v : sq) total += v;
+  auto norm = rets.get<ffi::AnyBuffer>(n * per_tensor_out);
+  if (!norm.has_value()) return norm.error();
+  *static_cast<float*>((*norm)->untyped_data()) = static_cast<float>(std::sqrt(total));
+  return ffi::Error::Success();
+}
+
+// optax.chain(add_decayed_weights(wd), sgd(lr, momentum)): g1 = g + wd * p; t = g1 + momentum * t;
+// p = p + step * t, with step = -lr(count). Scalars: step. Per tensor in: p, g, t; out: p, t.
+ffi::Error SgdStep(ffi::RemainingArgs args, ffi::RemainingRets rets, float wd, float momentum) {
+  return ForEachTensor(args, rets, 1, 3, 2, [&](const float* s, float** in, float** out, int64_t n, double* acc) {
+    const float step = s[0];
+    const float* p = in[0];
+    const float* g = in[1];
+    const float* t = in[2];
+    float* po = out[0];
+    float* to = out[1];
+    double a = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      const float gi = g[i];
+      a += static_cast<double>(gi) * gi;
+      const float g1 = gi + wd * p[i];
+      const float tn = g1 + momentum * t[i];
+      const float u = step * tn;
+      to[i] = tn;
+      po[i] = p[i] + u;
+    }
+    *acc = a;
+  });
+}
+
+// optax.adamw(lr, b1, b2, eps, eps_root=0, weight_decay=wd): mu = (1 - b1) g + b1 mu;
+// nu = (1 - b2) g^2 + b2 nu; u = (mu / c1) / (sqrt(nu / c2 + 0) + eps) with c = 1 - b^count;
+// u = u + wd * p; p = p + step * u. Scalars: step, c1, c2. Per tensor in: p, g, mu, nu; out: p, mu, nu.
+ffi::Error AdamwStep(ffi::RemainingArgs args, ffi::RemainingRets rets, float b1, float one_minus_b1, float b2,
+                     float one_minus_b2, float eps, float wd) {
+  return ForEachTensor(args, rets, 3, 4, 3, [&](const float* s, float** in, float** out, int64_t n, double* acc) {
+    const float step = s[0], c1 = s[1], c2 = s[2];
+    const float* p = in[0];
+    const float* g = in[1];
+    const float* mu = in[2];
+    const float* nu = in[3];
+    float* po = out[0];
+    float* muo = out[1];
+    float* nuo = out[2];
+    double a = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      const float gi = g[i];
+      a += static_cast<double>(gi) * gi;
+      const float m = one_minus_b1 * gi + b1 * mu[i];
+      const float v = one_minus_b2 * (gi * gi) + b2 * nu[i];
+      float u = (m / c1) / (std::sqrt(v / c2 + 0.0f) + eps);
+      u = u + wd * p[i];
+      muo[i] = m;
+      nuo[i] = v;
+      po[i] = p[i] + step * u;
+    }
+    *acc = a;
+  });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HrdSgdStep, SgdStep,
+                              ffi::Ffi::Bind().RemainingArgs().RemainingRets().Attr<float>("wd")
+                                  .Attr<float>("momentum"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HrdAdamwStep, AdamwStep,
+                              ffi::Ffi::Bind().RemainingArgs().RemainingRets().Attr<float>("b1")
+                                  .Attr<float>("one_minus_b1").Attr<float>("b2").Attr<float>("one_minus_b2")
+                                  .Attr<float>("eps").Attr<float>("wd"));
 
 // Which oneDNN implementation a shape gets (for diagnostics: a "ref" kernel would be slow).
 extern "C" const char* hrd_conv_impl(int kind, const int64_t* d) {
