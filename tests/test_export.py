@@ -138,7 +138,8 @@ LOADER = textwrap.dedent("""
             raise SystemExit(f"{name} imported")
     import hrdecoder_jax.export
     model = hrdecoder_jax.export.load(sys.argv[1])
-    np.save(sys.argv[3], model.predict(np.load(sys.argv[2])))
+    for name in sys.argv[2:]:
+        np.save(name + ".probs.npy", model.predict(np.load(name)))
     bad = [m for m in sys.modules if m.split(".")[0] in ("flax", "tensorflow", "orbax", "ml_collections")
            or m.startswith("hrdecoder_jax.") and m not in ("hrdecoder_jax.export", "hrdecoder_jax.serving")]
     assert not bad, bad
@@ -147,24 +148,30 @@ LOADER = textwrap.dedent("""
 
 
 def test_loader_needs_only_jax_and_matches_predict(exported, restored, config, tmp_path):
-    """A process where Flax and TensorFlow cannot be imported loads the StableHLO artifact and predicts a
-    photograph; its probabilities at the photo's size are ``predict``'s (float32, max abs <= 1e-5)."""
+    """A process where Flax and TensorFlow cannot be imported loads the StableHLO artifact and predicts two
+    photographs (a synthetic one and scikit-image's real retina, 1411 x 1411); its probabilities at each
+    photo's size are ``predict``'s (float32, max abs <= 1e-5)."""
+    import skimage.data
+
     from hrdecoder_jax.predict import predict_probabilities
 
     _, forward = restored
-    image = photo()
-    np.save(tmp_path / "photo.npy", image)
+    photos = {"synthetic": photo(), "retina": skimage.data.retina()}
+    for name, image in photos.items():
+        np.save(tmp_path / f"{name}.npy", image)
     (tmp_path / "blocker.py").write_text(BLOCKER)
     script = "import blocker\n" + LOADER
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", script, str(exported), str(tmp_path / "photo.npy"),
-                           str(tmp_path / "probs.npy")], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", script, str(exported),
+                           *(str(tmp_path / f"{name}.npy") for name in photos)],
+                          env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ok ('EX', 'HE', 'SE', 'MA')" in done.stdout
-    got = np.load(tmp_path / "probs.npy")
-    want = predict_probabilities(forward, image, config)
-    assert got.shape == want.shape == (200, 310, 4) and got.dtype == np.float32
-    assert np.abs(got - want).max() <= 1e-5, np.abs(got - want).max()
+    for name, image in photos.items():
+        got = np.load(tmp_path / f"{name}.npy.probs.npy")
+        want = predict_probabilities(forward, image, config)
+        assert got.shape == want.shape == (*image.shape[:2], 4) and got.dtype == np.float32
+        assert np.abs(got - want).max() <= 1e-5, (name, np.abs(got - want).max())
 
 
 @pytest.mark.skipif(not HAVE_ONNX, reason="the onnx extra (jax2onnx, onnx, onnxruntime) is not installed")
