@@ -152,3 +152,20 @@ def test_bad_weighting_is_a_config_error(update, expect):
         inference(lambda x: x, jnp.zeros((1, 256, 256, 3)), model.test_cfg)
     with pytest.raises(ConfigError, match="sigma_scale"):
         config_utils.window_weighting({"weighting": "gaussian", "sigma_scale": "wide"})
+
+
+def test_seam_figure_pieces_by_hand():
+    from hrdecoder_jax.tools.window_seams import border_masks, seam_sums
+
+    # Windows of 4 with stride 2 on a 6 x 8 image: rows 0-4, 2-6; columns 0-4, 2-6, 4-8. Borders inside the
+    # image: rows 2 and 4 (pairs 1|2 and 3|4), columns 2, 4 and 6 (pairs 1|2, 3|4, 5|6).
+    boxes = [(0, 4, 0, 4), (0, 4, 2, 6), (0, 4, 4, 8), (2, 6, 0, 4), (2, 6, 2, 6), (2, 6, 4, 8)]
+    rows, cols = border_masks((6, 8), boxes)
+    assert rows.tolist() == [False, True, False, True, False]
+    assert cols.tolist() == [False, True, False, True, False, True, False]
+    # Logits that step by 1 at column 4 only (one channel): the jump is at a border pair.
+    logits = np.zeros((1, 6, 8, 1))
+    logits[..., 4:, 0] = 1.0
+    s = seam_sums(logits, rows, cols)
+    assert s["border_n"] == 2 * 8 + 3 * 6 and s["other_n"] == 3 * 8 + 4 * 6
+    assert s["border_sum"] == 6.0 and s["other_sum"] == 0.0

@@ -9,8 +9,8 @@ import pytest
 from hrdecoder_jax import cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-COMMANDS = ["train", "evaluate", "predict", "convert", "benchmark", "tools.write_layout",
-            "experiments.tiny_lesion_study"]
+COMMANDS = ["train", "evaluate", "predict", "convert", "benchmark", "export", "tools.write_layout",
+            "tools.window_seams", "experiments.tiny_lesion_study"]
 
 
 def command_module(name):
