@@ -11,9 +11,11 @@ elsewhere, pooled over lesions and images; ``ratio`` = border / elsewhere. A ble
 ratio near 1 (image content alone); a uniform average of windows that disagree near their borders has a
 jump there.
 
-HRDecoder's own HR windows (``hr_scale``, fused with the LR logits inside the model) have borders of their
-own; where they fall on the slide borders (the synthetic config: both every 128 pixels) the figure holds
-both and only the slide part depends on the weighting.
+HRDecoder's own HR windows (``hr_scale`` tiles of every slide window, fused with the LR logits inside the
+model) have borders of their own, which no slide weighting touches. They are reported apart (``hr_border``:
+pairs across an HR-window border that is no slide border) and left out of ``elsewhere``; where the two
+coincide (the synthetic config with stride 128: both every 128 pixels) the slide figure holds both, and a
+stride that is not a multiple of ``hr_scale`` separates them.
 """
 from __future__ import annotations
 
@@ -39,18 +41,38 @@ def border_masks(image_size: Sequence[int], boxes: Sequence[tuple]) -> tuple[np.
     return rows, cols
 
 
-def seam_sums(logits: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> dict[str, float]:
-    """Sums and counts of |neighbour differences| of ``logits [B, H, W, K]`` across borders and elsewhere."""
+def seam_sums(logits: np.ndarray, rows: np.ndarray, cols: np.ndarray, *, prefix: str = "border",
+              other_rows: np.ndarray | None = None, other_cols: np.ndarray | None = None) -> dict[str, float]:
+    """Sums and counts of |neighbour differences| of ``logits [B, H, W, K]`` across the pairs the masks
+    select (``<prefix>_sum``, ``<prefix>_n``) and across the others (``other_sum``, ``other_n``; only those
+    ``other_rows``/``other_cols`` allow, when given)."""
     dy = np.abs(np.diff(logits, axis=1))               # [B, H - 1, W, K]
     dx = np.abs(np.diff(logits, axis=2))               # [B, H, W - 1, K]
     per_row = dy.sum(axis=(0, 2, 3))
     per_col = dx.sum(axis=(0, 1, 3))
     n_row = dy.shape[0] * dy.shape[2] * dy.shape[3]
     n_col = dx.shape[0] * dx.shape[1] * dx.shape[3]
-    return {"border_sum": float(per_row[rows].sum() + per_col[cols].sum()),
-            "border_n": int(rows.sum() * n_row + cols.sum() * n_col),
-            "other_sum": float(per_row[~rows].sum() + per_col[~cols].sum()),
-            "other_n": int((~rows).sum() * n_row + (~cols).sum() * n_col)}
+    rest_rows = ~rows if other_rows is None else other_rows
+    rest_cols = ~cols if other_cols is None else other_cols
+    return {f"{prefix}_sum": float(per_row[rows].sum() + per_col[cols].sum()),
+            f"{prefix}_n": int(rows.sum() * n_row + cols.sum() * n_col),
+            "other_sum": float(per_row[rest_rows].sum() + per_col[rest_cols].sum()),
+            "other_n": int(rest_rows.sum() * n_row + rest_cols.sum() * n_col)}
+
+
+def hr_window_boxes(model_cfg, slide_boxes: Sequence[tuple]) -> list[tuple]:
+    """HRDecoder's own windows (``hr_scale`` tiles of every slide window, fused inside the model), in image
+    coordinates; none for the FCN baseline."""
+    from hrdecoder_jax.models import slide_windows
+
+    hr = model_cfg.get("hr_settings")
+    if not hr:
+        return []
+    boxes = []
+    for y1, y2, x1, x2 in slide_boxes:
+        for a1, a2, b1, b2 in slide_windows((y2 - y1, x2 - x1), hr.hr_scale, hr.hr_scale):
+            boxes.append((y1 + a1, y1 + a2, x1 + b1, x1 + b2))
+    return boxes
 
 
 def seam_figure(model_forward, config, dataset) -> dict[str, float]:
@@ -62,17 +84,24 @@ def seam_figure(model_forward, config, dataset) -> dict[str, float]:
     from hrdecoder_jax.models import slide_windows
 
     tc = config.model.test_cfg
-    total = {"border_sum": 0.0, "border_n": 0, "other_sum": 0.0, "other_n": 0}
+    total: dict[str, float] = {}
     for batch in make_eval_dataset(dataset, config.data):
         logits = np.asarray(inference(model_forward, jnp.asarray(batch["image"]), tc), np.float64)
         size = logits.shape[1:3]
         boxes = slide_windows(size, tc.crop_size, tc.stride) if tc.mode == "slide" else []
-        for k, v in seam_sums(logits, *border_masks(size, boxes)).items():
-            total[k] += v
+        slide_rows, slide_cols = border_masks(size, boxes)
+        hr_rows, hr_cols = border_masks(size, hr_window_boxes(config.model, boxes))
+        sums = {**seam_sums(logits, slide_rows, slide_cols),          # every pair across a slide border
+                **seam_sums(logits, hr_rows & ~slide_rows, hr_cols & ~slide_cols, prefix="hr",
+                            other_rows=~(slide_rows | hr_rows), other_cols=~(slide_cols | hr_cols))}
+        for k, v in sums.items():
+            total[k] = total.get(k, 0) + v
     border = total["border_sum"] / max(total["border_n"], 1)
+    hr_only = total["hr_sum"] / total["hr_n"] if total["hr_n"] else float("nan")
     other = total["other_sum"] / max(total["other_n"], 1)
-    return {"border": border, "elsewhere": other, "ratio": border / other if other else float("nan"),
-            "border_pairs": total["border_n"], "other_pairs": total["other_n"]}
+    return {"border": border, "hr_border": hr_only, "elsewhere": other,
+            "ratio": border / other if other else float("nan"), "border_pairs": total["border_n"],
+            "hr_border_pairs": total["hr_n"], "other_pairs": total["other_n"]}
 
 
 def define_flags(fv) -> None:
@@ -122,14 +151,14 @@ def run(fv) -> int:
     tc = config.model.test_cfg
     print(f"{config.data.name} {split} split, step {meta.get('step')}, {next(iter(rows.values()))['num_images']} "
           f"images, windows {tuple(tc.crop_size)} stride {tuple(tc.stride)}, sigma_scale {tc.sigma_scale}:")
-    print("| weighting | " + " | ".join(f"IoU {k}" for k in LESIONS) + " | mIoU | mAUPR | seam: border | "
-          "elsewhere | ratio |")
-    print("|---|" + "---:|" * (len(LESIONS) + 5))
+    print("| weighting | " + " | ".join(f"IoU {k}" for k in LESIONS) + " | mIoU | mAUPR | slide borders | "
+          "HR-window borders | elsewhere | slide / elsewhere |")
+    print("|---|" + "---:|" * (len(LESIONS) + 6))
     for weighting, r in rows.items():
         s = r["seams"]
         print(f"| {weighting} | " + " | ".join(f"{100 * r['IoU'][k]:.2f}" for k in LESIONS)
-              + f" | {100 * r['mIoU']:.2f} | {100 * r['mAUPR']:.2f} | {s['border']:.4f} | {s['elsewhere']:.4f} | "
-                f"{s['ratio']:.2f} |")
+              + f" | {100 * r['mIoU']:.2f} | {100 * r['mAUPR']:.2f} | {s['border']:.4f} | {s['hr_border']:.4f} | "
+                f"{s['elsewhere']:.4f} | {s['ratio']:.2f} |")
     if fv.json:
         with open(fv.json, "w") as f:
             json.dump({"step": meta.get("step"), "split": split, "rows": rows}, f, indent=2)

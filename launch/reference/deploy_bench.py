@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Our side of two rows of ``side_by_side.py`` (a development tool; the package never imports it). Prints one
+JSON line.
+
+  python launch/reference/deploy_bench.py --what onnx --width 18 --size 1024 --hr-scale 512 [--repeats 5]
+      our compiled test-time function (uint8 image -> normalise -> forward -> sigmoid, whole image, batch 1)
+      and the same function exported to ONNX (jax2onnx) run by ONNX Runtime on the CPU (all cores)
+
+  python launch/reference/deploy_bench.py --what fullsize [--width 48] [--repeats 2]
+      predict one IDRiD-size photograph (4288 x 2848 uint8) as ``predict`` does: resize to 2880 x 1920,
+      slide windows 1920 / stride 960 (2 windows), HR windows of 960, logits back to 4288 x 2848, sigmoid;
+      time of each stage and the process's peak resident memory
+
+Weights are random (timing does not depend on them); the photograph is a seeded synthetic fundus image.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0      # Linux: kB
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _timed(fn, repeats: int) -> tuple[float, list[float], object]:
+    out, times = None, []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times, out
+
+
+def _config(width: int, overrides=()):
+    """configs/idrid.py (HRDecoder, the paper's settings) with the HRNetV2 width ``width``."""
+    from hrdecoder_jax import cli
+    from hrdecoder_jax.benchmark import with_width
+
+    config = cli.load_config(str(REPO / "configs" / "idrid.py"), list(overrides))
+    config.model = with_width(config.model, width)
+    return config
+
+
+def _model(config):
+    from flax import nnx
+
+    from hrdecoder_jax.models import build_model
+    model = build_model(config.model, rngs=nnx.Rngs(0))
+    model.eval()
+    return model
+
+
+def bench_onnx(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import onnxruntime as ort
+
+    from hrdecoder_jax import deploy
+
+    s, hr = args.size, args.hr_scale
+    config = _config(args.width, [f"--config.model.hr_settings.hr_scale=({hr}, {hr})",
+                                  "--config.model.test_cfg.mode=whole", f"--config.data.test_scale=({s}, {s})"])
+    model = _model(config)
+    fn = deploy.serving_function(model, config)
+    image = np.asarray(np.random.default_rng(0).integers(0, 256, (1, s, s, 3)), np.uint8)
+    ours = jax.jit(fn)
+    t0 = time.perf_counter()
+    jax.block_until_ready(ours(jnp.asarray(image)))
+    compile_s = time.perf_counter() - t0
+    ours_s, ours_runs, (probs, logits) = _timed(lambda: jax.block_until_ready(ours(jnp.asarray(image))), args.repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        t0 = time.perf_counter()
+        deploy.export_onnx(fn, deploy.input_spec(config), path)
+        export_s = time.perf_counter() - t0
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = os.cpu_count() or 1
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        session.run(None, {"images": image})                                      # warm-up
+        ort_s, ort_runs, (ort_probs, ort_logits) = _timed(lambda: session.run(None, {"images": image}), args.repeats)
+    return {"what": "onnx", "width": args.width, "size": s, "hr_scale": hr, "ours_s": ours_s,
+            "onnxruntime_s": ort_s, "ratio_ort_over_ours": ort_s / ours_s, "ours_runs": ours_runs,
+            "ort_runs": ort_runs, "ours_compile_s": compile_s, "onnx_export_s": export_s,
+            "max_abs_prob_diff": float(np.abs(np.asarray(probs) - ort_probs).max()),
+            "max_rel_logit_diff": float(np.abs(np.asarray(logits) - ort_logits).max() / np.abs(np.asarray(logits)).max()),
+            "onnxruntime": ort.__version__, "jax": jax.__version__, "loadavg": os.getloadavg()}
+
+
+def bench_fullsize(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from hrdecoder_jax.data import generate_fundus
+    from hrdecoder_jax.inference import inference, make_forward, probabilities
+    from hrdecoder_jax.predict import predict_probabilities, preprocess
+
+    config = _config(args.width)
+    photo = generate_fundus(0, 2848, 4288)[0]
+    model = _model(config)
+    forward = make_forward(model)
+    rss_before = _rss_mib()
+    t0 = time.perf_counter()
+    predict_probabilities(forward, photo, config)
+    first_s = time.perf_counter() - t0                          # includes tracing and compilation
+    stages = {"preprocess": [], "windows": [], "to_photo": [], "total": []}
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        x = jnp.asarray(preprocess(photo, config.data))
+        t1 = time.perf_counter()
+        logits = jax.block_until_ready(inference(forward, x, config.model.test_cfg))
+        t2 = time.perf_counter()
+        probs = np.asarray(probabilities(logits, photo.shape[:2])[0], np.float32)
+        t3 = time.perf_counter()
+        for k, v in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
+            stages[k].append(v)
+    med = {k: statistics.median(v) for k, v in stages.items()}
+    return {"what": "fullsize", "impl": "hrdecoder-jax", "width": args.width, "photo": [2848, 4288],
+            "test_scale": list(config.data.test_scale), "slide": [list(config.model.test_cfg.crop_size),
+                                                                 list(config.model.test_cfg.stride)],
+            "median_s": med["total"], "stages_median_s": med, "runs": stages["total"], "first_call_s": first_s,
+            "rss_before_predict_mib": rss_before, "peak_rss_mib": _peak_rss_mib(), "probs_shape": list(probs.shape),
+            "jax": jax.__version__, "cores": os.cpu_count(), "loadavg": os.getloadavg()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--what", choices=["onnx", "fullsize"], required=True)
+    p.add_argument("--width", type=int, default=18)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--hr-scale", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    from hrdecoder_jax import runtime
+    runtime.configure("inference")
+    result = bench_onnx(args) if args.what == "onnx" else bench_fullsize(args)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
