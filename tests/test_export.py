@@ -111,6 +111,19 @@ def test_stablehlo_round_trip_with_a_symbolic_batch(exported, restored, config):
         loaded(images.astype(np.float32))
 
 
+def test_a_cpu_and_cuda_export_runs_on_the_cpu(restored, config):
+    """Lowered for two platforms, the artifact keeps the model's platform-dependent fusion fences as a choice
+    made when it is compiled; on this CPU it computes what the CPU-only export computes."""
+    model, _ = restored
+    fn = deploy.serving_function(model, config)
+    both = jax.export.deserialize(bytearray(deploy.export_stablehlo(fn, deploy.input_spec(config), ("cpu", "cuda"))))
+    assert both.platforms == ("cpu", "cuda")
+    images = jnp.asarray(serving.photo_to_input(photo(), (256, 256))[None])
+    probs, _ = both.call(images)
+    want, _ = jax.jit(fn)(images)
+    assert float(jnp.max(jnp.abs(probs - want))) <= 1e-5
+
+
 BLOCKER = textwrap.dedent("""
     import importlib.abc, sys
 

@@ -6,6 +6,10 @@ JSON line.
       our compiled test-time function (uint8 image -> normalise -> forward -> sigmoid, whole image, batch 1)
       and the same function exported to ONNX (jax2onnx) run by ONNX Runtime on the CPU (all cores)
 
+  python launch/reference/deploy_bench.py --what exported --export DIR [--compare --workdir WORKDIR]
+      an export folder (StableHLO through hrdecoder_jax.serving, ONNX through ONNX Runtime) on one
+      IDRiD-size photograph: load, first call, median call, peak memory, and the differences
+
   python launch/reference/deploy_bench.py --what fullsize [--width 48] [--repeats 2]
       predict one IDRiD-size photograph (4288 x 2848 uint8) as ``predict`` does: resize to 2880 x 1920,
       slide windows 1920 / stride 960 (2 windows), HR windows of 960, logits back to 4288 x 2848, sigmoid;
@@ -139,9 +143,67 @@ def bench_fullsize(args) -> dict:
             "jax": jax.__version__, "cores": os.cpu_count(), "loadavg": os.getloadavg()}
 
 
+def bench_exported(args) -> dict:
+    """An export folder (``python -m hrdecoder_jax.export``) on one IDRiD-size photograph: load, first call
+    (compilation), the median call; the StableHLO artifact through ``serving`` and, when the folder has one,
+    the ONNX model in ONNX Runtime (the artifact's own input: the photo at the test scale, batch 1).
+    ``--compare``: also the in-package model of the export's config and checkpoint, for the differences."""
+    import jax
+    import numpy as np
+
+    from hrdecoder_jax import serving
+    from hrdecoder_jax.data import generate_fundus
+
+    photo = generate_fundus(0, 2848, 4288)[0]
+    manifest = serving.read_manifest(args.export)
+    out = {"what": "exported", "export": os.path.basename(os.path.abspath(args.export)),
+           "config": manifest["config"]["name"], "test_scale": manifest["input"]["test_scale"]}
+    t0 = time.perf_counter()
+    model = serving.load(args.export)
+    out["stablehlo_load_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model.predict(photo)
+    out["stablehlo_first_predict_s"] = time.perf_counter() - t0
+    out["stablehlo_predict_s"], out["stablehlo_runs"], probs = _timed(lambda: model.predict(photo), args.repeats)
+    x = serving.photo_to_input(photo, model.input_size)[None]
+    out["stablehlo_call_s"], _, (_, logits) = _timed(lambda: jax.block_until_ready(model(x)), args.repeats)
+    out["peak_rss_after_stablehlo_mib"] = _peak_rss_mib()
+    if "onnx" in manifest["artifacts"]:
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = os.cpu_count() or 1
+        t0 = time.perf_counter()
+        session = ort.InferenceSession(os.path.join(args.export, manifest["artifacts"]["onnx"]), options,
+                                       providers=["CPUExecutionProvider"])
+        out["onnx_load_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        session.run(None, {"images": x})
+        out["onnx_first_call_s"] = time.perf_counter() - t0
+        out["onnx_call_s"], out["onnx_runs"], (_, ort_logits) = _timed(lambda: session.run(None, {"images": x}),
+                                                                    args.repeats)
+        out["onnx_vs_stablehlo_max_rel_logit_diff"] = float(
+            np.abs(np.asarray(logits) - ort_logits).max() / np.abs(np.asarray(logits)).max())
+        out["peak_rss_after_onnx_mib"] = _peak_rss_mib()
+    if args.compare:
+        from hrdecoder_jax import checkpoint, cli
+        from hrdecoder_jax.inference import make_forward
+        from hrdecoder_jax.predict import predict_probabilities
+        config = cli.load_config(str(REPO / "configs" / manifest["config"]["name"]))
+        if args.workdir is None:
+            raise SystemExit("--compare needs --workdir (the checkpoint the export was made from)")
+        package_model, _ = checkpoint.restore_for_inference(config, args.workdir, manifest["checkpoint"]["step"])
+        want = predict_probabilities(make_forward(package_model), photo, config)
+        out["stablehlo_vs_predict_max_abs_prob_diff"] = float(np.abs(probs - want).max())
+    out.update(jax=jax.__version__, cores=os.cpu_count(), loadavg=os.getloadavg())
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--what", choices=["onnx", "fullsize"], required=True)
+    p.add_argument("--what", choices=["onnx", "fullsize", "exported"], required=True)
+    p.add_argument("--export", help="exported: the export folder")
+    p.add_argument("--workdir", help="exported --compare: the checkpoint's workdir")
+    p.add_argument("--compare", action="store_true")
     p.add_argument("--width", type=int, default=18)
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--hr-scale", type=int, default=512)
@@ -149,7 +211,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from hrdecoder_jax import runtime
     runtime.configure("inference")
-    result = bench_onnx(args) if args.what == "onnx" else bench_fullsize(args)
+    result = {"onnx": bench_onnx, "fullsize": bench_fullsize, "exported": bench_exported}[args.what](args)
     print(json.dumps(result), flush=True)
     return 0
 
