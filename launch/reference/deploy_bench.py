@@ -135,6 +135,20 @@ def bench_fullsize(args) -> dict:
         for k, v in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
             stages[k].append(v)
     med = {k: statistics.median(v) for k, v in stages.items()}
+    if args.split_backbone:
+        # Where the windows' time goes: the HRNet backbone on each window's LR image (resize to hr_scale,
+        # HRNet, the branches upsampled and concatenated) against the whole forward of the same windows.
+        from flax import nnx
+
+        from hrdecoder_jax.models import slide_windows
+        tc = config.model.test_cfg
+        boxes = slide_windows(x.shape[1:3], tc.crop_size, tc.stride)
+        crops = jnp.concatenate([x[:, y1:y2, x1:x2] for (y1, y2, x1, x2) in boxes], axis=0)
+        graphdef, state = nnx.split(model)
+        backbone = jax.jit(lambda st, im: nnx.merge(graphdef, st).extract_lr_features(im))
+        jax.block_until_ready(backbone(state, crops))
+        med["windows_backbone"], _, _ = _timed(lambda: jax.block_until_ready(backbone(state, crops)), args.repeats)
+        med["windows_forward"], _, _ = _timed(lambda: jax.block_until_ready(forward(crops)), args.repeats)
     return {"what": "fullsize", "impl": "hrdecoder-jax", "width": args.width, "photo": [2848, 4288],
             "test_scale": list(config.data.test_scale), "slide": [list(config.model.test_cfg.crop_size),
                                                                  list(config.model.test_cfg.stride)],
@@ -204,6 +218,8 @@ def main(argv=None) -> int:
     p.add_argument("--export", help="exported: the export folder")
     p.add_argument("--workdir", help="exported --compare: the checkpoint's workdir")
     p.add_argument("--compare", action="store_true")
+    p.add_argument("--split-backbone", action="store_true", help="fullsize: also time the backbone part of "
+                   "the windows' forward")
     p.add_argument("--width", type=int, default=18)
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--hr-scale", type=int, default=512)

@@ -11,8 +11,9 @@ The model is built by the harness from the original repository's IDRiD config
 weights. The stages are the config's test pipeline (``mmcv.imresize`` to 2880 x 1920, bilinear, and
 ``mmcv.imnormalize``), then the segmentor's ``inference(img, img_meta, rescale=True)``: its
 ``slide_inference`` (each window's ``encode_decode``, summed and divided by the count) with the resize to
-the photo's size, and the sigmoid. ``encode_decode`` is timed per window through a wrapper around the
-method (no change to what runs). A development tool; nothing of it enters the package.
+the photo's size, and the sigmoid. ``encode_decode`` is timed per window, and its backbone part
+(``extract_feat`` and ``_transform_inputs``: HRNet and the branches upsampled and concatenated) apart,
+through wrappers around the methods (no change to what runs). A development tool; nothing of it enters the package.
 """
 from __future__ import annotations
 
@@ -80,6 +81,19 @@ def main(argv=None) -> int:
 
     model.encode_decode = timed_encode_decode
 
+    backbone = []                    # HRNet (extract_feat) and the branches upsampled + concatenated
+
+    def timed(method):
+        def call(*a, **k):
+            t0 = time.perf_counter()
+            out = method(*a, **k)
+            backbone.append(time.perf_counter() - t0)
+            return out
+        return call
+
+    model.extract_feat = timed(model.extract_feat)
+    model._transform_inputs = timed(model._transform_inputs)
+
     def predict():
         t0 = time.perf_counter()
         img = mmcv.imresize(photo, scale, interpolation="bilinear")          # Resize(keep_ratio=False)
@@ -88,10 +102,12 @@ def main(argv=None) -> int:
         meta = [dict(ori_shape=photo.shape, img_shape=img.shape, pad_shape=img.shape, flip=False)]
         t1 = time.perf_counter()
         windows.clear()
+        backbone.clear()
         with torch.no_grad():
             probs = model.inference(x, meta, rescale=True)                 # slide, resize to the photo, sigmoid
         t2 = time.perf_counter()
         return probs, {"preprocess": t1 - t0, "inference": t2 - t1, "windows": sum(windows),
+                       "windows_backbone": sum(backbone),
                        "n_windows": len(windows), "total": t2 - t0}
 
     rss_before = _rss_mib()
