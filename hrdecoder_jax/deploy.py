@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hrdecoder_jax import LESIONS, __version__
-from hrdecoder_jax.config_utils import ConfigError, field, window_weighting
+from hrdecoder_jax.config_utils import field, window_weighting
 from hrdecoder_jax.serving import FORMAT_VERSION, MANIFEST, ONNX_FILE, STABLEHLO_FILE
 
 FORMATS = ("stablehlo", "onnx")
@@ -224,11 +224,8 @@ def _quiet(*names: str):
 
 def export_onnx(fn: Callable, spec: jax.ShapeDtypeStruct, path: str, *, opset: int = ONNX_OPSET) -> None:
     """``fn`` at ``spec`` as an ONNX model in ``path`` (``jax2onnx``; the ``onnx`` extra). The batch is the
-    symbolic dimension ``B``; input ``images``, outputs ``probabilities`` and ``logits``.
-
-    The intermediate shape annotations (``value_info``) are left out: jax2onnx 0.12 writes the batch of a
-    concatenation of ``n`` windows (``n * B``) as ``B``, which ONNX Runtime then enforces; without them it
-    infers every shape from the graph. The inputs and outputs keep their declared shapes."""
+    symbolic dimension ``B`` (intermediate shapes carry expressions of it, e.g. ``9*B`` for nine windows);
+    input ``images``, outputs ``probabilities`` and ``logits``."""
     try:
         import onnx
         from jax2onnx import to_onnx
@@ -244,7 +241,6 @@ def export_onnx(fn: Callable, spec: jax.ShapeDtypeStruct, path: str, *, opset: i
                             input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES))
     except NotImplementedError as e:
         raise ExportError(f"jax2onnx cannot convert the model: {str(e).splitlines()[0]}") from None
-    del model.graph.value_info[:]
     onnx.save(model, path)
 
 
