@@ -4,13 +4,20 @@ Field names mirror the mmseg configs users know:
 ``model.backbone.extra.stage1..4.{num_modules,num_branches,block,num_blocks,num_channels}``,
 ``model.decode_head.{in_channels,channels,kernel_size,num_convs,compress,concat_input,dropout_ratio,num_classes}``,
 ``model.hr_settings.{hr_scale,scale_ratio,divisible,crop_num,hr_loss_weight,lr_loss_weight,visual_dim}``,
-``model.test_cfg.{mode,crop_size,stride,flip}``.
+``model.test_cfg.{mode,crop_size,stride,flip,weighting,sigma_scale}``.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import ml_collections
+
+# model.test_cfg.weighting: how overlapping slide windows are averaged. "uniform" is the reference's plain
+# mean (the paper's protocol); "gaussian" weights each window by MONAI's importance map (a Gaussian centred
+# on the window, sigma = sigma_scale * window size). The defaults live here and nowhere else.
+WINDOW_WEIGHTINGS = ("uniform", "gaussian")
+DEFAULT_WEIGHTING = "uniform"
+DEFAULT_SIGMA_SCALE = 0.125      # MONAI's and nnU-Net's choice (sliding_window_inference(sigma_scale=0.125))
 
 
 def hrnet_extra(width: int = 48, *, num_modules: Sequence[int] = (1, 1, 4, 3),
@@ -35,6 +42,7 @@ def model_config(*, kind: str = "HRDecoder", width: int = 48, hr_scale=(960, 960
                  kernel_size: int = 7, num_convs: int = 1, compress: bool = True,
                  num_modules: Sequence[int] = (1, 1, 4, 3), num_blocks: int | Sequence[int] = 4,
                  test_mode: str = "slide", test_crop_size=(1920, 1920), test_stride=(960, 960),
+                 test_weighting: str = DEFAULT_WEIGHTING, test_sigma_scale: float = DEFAULT_SIGMA_SCALE,
                  dtype: str = "float32") -> ml_collections.ConfigDict:
     """The model part of a config, with the HRDecoder IDRiD paper settings as defaults."""
     m = ml_collections.ConfigDict()
@@ -69,6 +77,8 @@ def model_config(*, kind: str = "HRDecoder", width: int = 48, hr_scale=(960, 960
         crop_size=tuple(test_crop_size),
         stride=tuple(test_stride),
         flip=False,                    # horizontal-flip test-time augmentation (not in the reference)
+        weighting=test_weighting,      # slide windows averaged 'uniform' (reference) or 'gaussian' (MONAI)
+        sigma_scale=test_sigma_scale,  # gaussian: sigma = sigma_scale * window size, per axis
     ))
     return m
 
@@ -97,6 +107,20 @@ class ConfigError(ValueError):
     """An invalid setting; the message names the field and says why."""
 
 
+def window_weighting(test_cfg) -> tuple[str, float]:
+    """``(weighting, sigma_scale)`` of a ``model.test_cfg`` (a ConfigDict or a plain dict; the defaults
+    above for a dict that has no such keys), validated. Raises ``ConfigError``."""
+    weighting = field(test_cfg, "weighting", DEFAULT_WEIGHTING)
+    sigma_scale = field(test_cfg, "sigma_scale", DEFAULT_SIGMA_SCALE)
+    if weighting not in WINDOW_WEIGHTINGS:
+        raise ConfigError(f"model.test_cfg.weighting must be one of {', '.join(map(repr, WINDOW_WEIGHTINGS))}, "
+                          f"got {weighting!r}")
+    if isinstance(sigma_scale, bool) or not isinstance(sigma_scale, (int, float)) or not sigma_scale > 0:
+        raise ConfigError(f"model.test_cfg.sigma_scale={sigma_scale!r} must be a positive number "
+                          "(sigma = sigma_scale * window size)")
+    return str(weighting), float(sigma_scale)
+
+
 def validate_model_config(model: ml_collections.ConfigDict, train_size: Sequence[int] | None = None,
                           test_size: Sequence[int] | None = None) -> None:
     """Check that crop, window and image sizes map exactly onto the feature grid. Raises ``ConfigError``.
@@ -104,6 +128,7 @@ def validate_model_config(model: ml_collections.ConfigDict, train_size: Sequence
     ``train_size``: the training image (crop) size ``(H, W)`` the model will see; ``test_size`` the test
     image size ``(H, W)`` of whole-image inference.
     """
+    window_weighting(model.test_cfg)
     extra = model.backbone.extra
     widths = extra.stage4.num_channels
     head = model.decode_head

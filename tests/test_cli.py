@@ -9,8 +9,8 @@ import pytest
 from hrdecoder_jax import cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-COMMANDS = ["train", "evaluate", "predict", "convert", "benchmark", "tools.write_layout",
-            "experiments.tiny_lesion_study"]
+COMMANDS = ["train", "evaluate", "predict", "convert", "benchmark", "export", "tools.write_layout",
+            "tools.window_seams", "experiments.tiny_lesion_study"]
 
 
 def command_module(name):
@@ -90,9 +90,9 @@ def test_bad_flags_end_in_one_line(args, expect, capsys, monkeypatch):
 
 
 def test_no_module_imports_an_entry_point():
-    """Only experiments/ (which drives whole runs) may import train, evaluate, predict or benchmark."""
-    entry = re.compile(r"(from hrdecoder_jax(\.| import )(train|evaluate|predict|benchmark)\b|"
-                       r"import hrdecoder_jax\.(train|evaluate|predict|benchmark)\b)")
+    """Only experiments/ (which drives whole runs) may import train, evaluate, predict, benchmark or export."""
+    entry = re.compile(r"(from hrdecoder_jax(\.| import )(train|evaluate|predict|benchmark|export)\b|"
+                       r"import hrdecoder_jax\.(train|evaluate|predict|benchmark|export)\b)")
     offenders = []
     for path in (REPO / "hrdecoder_jax").rglob("*.py"):
         if "experiments" in path.parts:

@@ -15,6 +15,7 @@ XLA's operations are used.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import importlib.metadata
@@ -58,6 +59,18 @@ def set_backend(name: str) -> None:
 
 def backend() -> str:
     return _backend
+
+
+@contextlib.contextmanager
+def backend_scope(name: str):
+    """``set_backend(name)`` for what is traced inside the block (an exported model traces with ``'xla'``:
+    the artifact must run where these kernels are not registered)."""
+    before = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(before)
 
 
 def use_native(dtype) -> bool:
