@@ -143,8 +143,8 @@ def changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 # Model settings that neither change the parameters nor what the trained network computes: a checkpoint
 # restores under other values of them (another test-time window or compute dtype, training-only settings).
 RUNTIME_MODEL_FIELDS = ("dtype", "test_cfg", "hr_settings.crop_num", "hr_settings.scale_ratio",
-                        "hr_settings.hr_loss_weight", "hr_settings.lr_loss_weight", "decode_head.loss_smooth",
-                        "decode_head.dropout_ratio")
+                        "hr_settings.divisible", "hr_settings.hr_loss_weight", "hr_settings.lr_loss_weight",
+                        "decode_head.loss_smooth", "decode_head.dropout_ratio")
 
 
 def model_identity(model) -> dict[str, Any]:
@@ -249,7 +249,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       val_fraction, val_count, val_seed: held-out validation split of the training split
         (val_count, if set, wins over val_fraction).
       validate_on: "val" (held-out split) or "test" (the reference: select checkpoints on test).
-      cache: True / "memory" (in-memory cache), or a directory path (one file per example).
+      cache: True / "memory" (in-memory cache), or a directory path (one file per example, in a
+        sub-folder named by a fingerprint of the data it holds, so datasets never share one).
       num_parallel_calls: parallelism of the per-example maps (-1 = AUTOTUNE).
       prefetch: batches to prefetch (-1 = AUTOTUNE).
     """

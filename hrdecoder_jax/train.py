@@ -223,7 +223,7 @@ def initial_state(model, tx, config, workdir: str, ckpt: checkpoint.Checkpointer
             try:
                 meta = checkpoint.restore_model(src, model, model_config=config.model)
             except checkpoint.CheckpointError as e:
-                raise checkpoint.CheckpointError(f"config.init_from: {e}") from None
+                raise type(e)(f"config.init_from: {e}") from None
             origin = f"initialised from Orbax checkpoint {src} (step {meta.get('step')})"
         else:
             from hrdecoder_jax.convert import WeightImportError, load_torch_weights
