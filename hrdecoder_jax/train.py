@@ -338,6 +338,12 @@ def _train(config, workdir: str, *, final_eval: bool, stop_after: int | None) ->
     mesh = make_mesh()
 
     # Data: the training split (less the held-out validation images), or the reference's test validation.
+    # In a multi-process run process 0 prepares the dataset first while the others wait (all of them at once
+    # raced on the same folder); a host whose data_dir is its own then prepares its copy, under the lock.
+    if jax.process_count() > 1:
+        if is_main:
+            data_fingerprint(config.data)
+        _wait_for_all("hrdecoder_jax.train:data")
     train_ds, val_ds = pipeline.split_train_val(open_split(config.data, "train"), config.data, test_ds=None)
     fingerprint = f"{data_fingerprint(config.data)} split train"    # keys a file cache (data.cache) by its data
     if config.data.validate_on == "test":
@@ -400,6 +406,21 @@ def _record_config(config, workdir: str, resumed_from: str | None, say) -> None:
             return
     from hrdecoder_jax.workdir import write_file
     write_file(path, config.to_json_best_effort(indent=2))
+
+
+def _wait_for_all(name: str) -> None:
+    """A barrier of every process that may wait as long as process 0's data preparation takes: the
+    coordination service's (hours), not a device collective."""
+    try:
+        from jax._src.distributed import global_state
+        client = global_state.client
+    except (ImportError, AttributeError):   # another JAX version
+        client = None
+    if client is not None and hasattr(client, "wait_at_barrier"):
+        client.wait_at_barrier(name, 24 * 3600 * 1000)
+    else:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def _final_evaluation(run: _Run, *, finished_before: bool, step: int) -> dict:

@@ -50,7 +50,10 @@ def documented_commands(prefixes=("python -m hrdecoder_jax",)):
 
 
 def launch_commands():
-    return documented_commands(("python launch/", "bash launch/"))
+    return documented_commands(("python launch/", "bash launch/", "sbatch ", "launch/"))
+
+
+TRAIN_WRAPPER = 'hrdecoder_jax.train --config "$config" --workdir "$workdir" "$@"'   # launch/*.sh, *.sbatch
 
 
 def test_the_docs_show_commands():
@@ -71,8 +74,8 @@ def test_documented_command_parses(where, command, monkeypatch):
 
 
 def test_the_docs_show_launch_commands():
-    scripts = {shlex.split(c)[1] for _, c in launch_commands()}
-    assert {"launch/reference/same_training.py", "launch/local_multiprocess.py"} <= scripts
+    scripts = {a for _, c in launch_commands() for a in shlex.split(c) if a.startswith("launch/")}
+    assert {"launch/reference/same_training.py", "launch/local_multiprocess.py", "launch/slurm.sbatch"} <= scripts
 
 
 @pytest.mark.parametrize("where,command", launch_commands())
@@ -84,10 +87,19 @@ def test_documented_launch_command_parses(where, command, monkeypatch):
     import subprocess
     monkeypatch.chdir(REPO)
     args = shlex.split(command)
+    if args[0] == "sbatch":                    # sbatch [its options] SCRIPT args
+        first = next(i for i, a in enumerate(args) if i > 0 and not a.startswith("-"))
+        args = ["bash", *args[first:]]
+    elif args[0].startswith("launch/"):        # an executable script run directly
+        args = ["bash", *args]
     script = REPO / args[1]
     assert script.is_file(), (where, command)
     if args[0] == "bash":
         assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0, (where, command)
+        if TRAIN_WRAPPER in script.read_text():      # CONFIG WORKDIR [train flags]
+            from hrdecoder_jax import train
+            config, workdir, *rest = args[2:]
+            assert cli.parse("train", train.define_flags, [f"--config={config}", f"--workdir={workdir}", *rest])
         return
     spec = importlib.util.spec_from_file_location(f"launch_{script.stem}", script)
     module = importlib.util.module_from_spec(spec)

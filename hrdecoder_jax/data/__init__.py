@@ -19,8 +19,6 @@ import json
 import logging
 import os
 import re
-import sys
-import time
 from typing import Any
 
 from hrdecoder_jax import LESIONS
@@ -42,7 +40,6 @@ __all__ = [
 
 PREPARED_RECORD = "prepared.json"   # in a prepared builder's folder: its manual_dir and a fingerprint of its files
 _LEGACY_RECORD = "prepared_from.txt"   # the manual_dir alone (data prepared before the fingerprint existed)
-_POLL_SECONDS = 2.0
 
 
 def get_builder(name: str, *, data_dir, manual_dir=None, prepare: bool = True, **builder_kwargs):
@@ -50,8 +47,7 @@ def get_builder(name: str, *, data_dir, manual_dir=None, prepare: bool = True, *
     ``data_dir``, prepared from ``manual_dir`` first if it is not yet (no network is ever used).
 
     Prepared once, whoever asks: the preparation runs under a file lock beside the builder's folder, so
-    processes of one host or of a shared file system that ask at the same time wait for the first one; in a
-    ``jax.distributed`` run only process 0 prepares and the others wait for the prepared folder to appear.
+    processes of one host or of a shared file system that ask at the same time wait for the first one.
     The prepared folder records its ``manual_dir`` and a fingerprint of its files (``prepared.json``); asking
     for it with another ``manual_dir`` is refused.
 
@@ -75,35 +71,16 @@ def get_builder(name: str, *, data_dir, manual_dir=None, prepare: bool = True, *
     return builder
 
 
-def _jax_process_index() -> int:
-    """This process's index in a ``jax.distributed`` run (0 otherwise), without starting a JAX backend."""
-    if "jax" not in sys.modules:
-        return 0
-    try:
-        from jax._src import distributed
-        state = distributed.global_state
-        return int(state.process_id) if state.client is not None else 0
-    except Exception:  # noqa: BLE001 - another JAX version: behave as a single process (the lock still holds)
-        return 0
-
-
 def _prepare_once(make, builder, manual_dir: str | None):
-    """Prepare ``builder`` unless another process is doing it, then return the prepared builder."""
+    """Prepare ``builder`` unless another process is doing it (then wait for it), and return the prepared
+    builder. The lock is a ``flock`` on a file beside the builder's folder: it holds between the processes of
+    one host and on shared file systems that support locks (``train`` also lets process 0 of a multi-process
+    run prepare first while the others wait at a barrier)."""
     import fcntl
     import tensorflow_datasets as tfds
 
     folder = os.fspath(builder.data_dir)
     lock_path = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.prepare.lock")
-    failed = lock_path[:-len(".lock")] + ".failed"
-    if _jax_process_index() != 0:
-        # Process 0 of this run prepares; the lock may not reach across hosts, the finished folder does.
-        log.warning("[data] waiting for process 0 to prepare %s in %s", builder.name, folder)
-        while not make().is_prepared():
-            if os.path.exists(failed):
-                with open(failed) as f:
-                    raise DatasetError(f"process 0 could not prepare {folder}: {f.read().strip()}")
-            time.sleep(_POLL_SECONDS)
-        return make()
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -118,15 +95,8 @@ def _prepare_once(make, builder, manual_dir: str | None):
         builder = make()                         # another process may have prepared it meanwhile
         if builder.is_prepared():
             return builder
-        if os.path.exists(failed):
-            os.unlink(failed)
-        try:
-            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-                manual_dir=manual_dir, try_download_gcs=False))
-        except BaseException as e:
-            from hrdecoder_jax.workdir import write_file
-            write_file(failed, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}\n")
-            raise
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            manual_dir=manual_dir, try_download_gcs=False))
         _write_record(builder, manual_dir)
         return builder
     finally:
