@@ -150,7 +150,12 @@ def run(fv) -> int:
     step = meta.get("step", 0)
     print(f"restored {fv.workdir} ({fv.checkpoint}, step {step})", file=sys.stderr, flush=True)
     dataset = open_split(config.data, split)
-    out_dir = cli.check_writable_dir(fv.output or os.path.join(workdir, f"eval_{split}_{step}"), "--output")
+    run_dir = workdir                       # a step's own folder as --workdir: its run's folder, not inside it
+    scored_dir = os.path.dirname(meta.get("checkpoint") or "")
+    if os.path.basename(scored_dir) in (checkpoint.LATEST_DIR, checkpoint.BEST_DIR) and \
+            os.path.abspath(workdir) == meta.get("checkpoint"):
+        run_dir = os.path.dirname(scored_dir)
+    out_dir = cli.check_writable_dir(fv.output or os.path.join(run_dir, f"eval_{split}_{step}"), "--output")
     results = evaluate(model, config, dataset=dataset, progress=fv.progress)
     # The table first: whatever happens to the files, the result is on the screen.
     print(f"{config.data.name} {split} split, step {step}, {results['num_images']} images "

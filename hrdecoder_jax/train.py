@@ -99,17 +99,20 @@ def _cut_torn_line(path: str, say) -> None:
         return
     with f:
         size = f.seek(0, os.SEEK_END)
-        keep = size
-        while keep > 0:
-            f.seek(max(0, keep - 4096))
-            chunk = f.read(keep - max(0, keep - 4096))
-            if keep == size and chunk.endswith(b"\n"):
-                return
-            cut = chunk.rfind(b"\n")
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        keep, end = 0, size
+        while end > 0:                   # back to the last newline (0 when the file has none)
+            start = max(0, end - 4096)
+            f.seek(start)
+            cut = f.read(end - start).rfind(b"\n")
             if cut >= 0:
-                keep = max(0, keep - 4096) + cut + 1
+                keep = start + cut + 1
                 break
-            keep = max(0, keep - 4096)
+            end = start
         f.truncate(keep)
     say(f"[log] {path}: dropped its torn last line ({size - keep} bytes, left by an interrupted write)")
 
@@ -199,10 +202,21 @@ def initial_state(model, tx, config, workdir: str, ckpt: checkpoint.Checkpointer
         try:
             found = _restore_latest(model, tx, source, say, config.model)
         except checkpoint.CheckpointMismatchError as e:
-            run = workdir if kind == "workdir" else config.resume_from
+            run = os.path.expanduser(workdir if kind == "workdir" else config.resume_from)
+            first = os.path.join(run, "config.json")
+            changed = ""
+            if "optimizer state" in str(e) and os.path.exists(first):   # the model is named already
+                try:
+                    with open(first) as f:
+                        diff = [d for d in config_utils.changes(config_utils.flatten(json.load(f)),
+                                                                config_utils.flatten(config))
+                                if d.startswith("optimizer.")]
+                    changed = f"; this config changes {', '.join(diff)}" if diff else ""
+                except (OSError, ValueError):
+                    pass
             raise checkpoint.CheckpointMismatchError(
-                f"{str(e).removesuffix(checkpoint.USE_ITS_CONFIG)}; resume with the config of that run "
-                f"({os.path.join(run, 'config.json')} records it) or choose another --workdir") from None
+                f"{str(e).removesuffix(checkpoint.USE_ITS_CONFIG)}{changed}; resume with the config of that run "
+                f"({first} records it) or choose another --workdir") from None
         if found is None:
             if kind == "resume_from":
                 raise checkpoint.CheckpointError(f"config.resume_from={config.resume_from}: no intact checkpoint")

@@ -426,7 +426,8 @@ def test_an_optimizer_mismatch_names_the_optimizer_state(trained, tmp_path):
     config = fixture_config(root, total_steps=6)
     config.optimizer.name = "sgd"                        # the run trained with AdamW
     with pytest.raises(checkpoint.CheckpointError, match="checkpoints/4: does not fit: .*optimizer state"
-                                                         ".*another optimizer") as e:
+                                                         ".*another optimizer.*this config changes "
+                                                         "optimizer.name 'adamw' -> 'sgd'") as e:
         train_and_evaluate(config, str(work), final_eval=False)
     assert sorted(os.listdir(work / "checkpoints")) == ["2", "4"] and not (work / "corrupt").exists()
     assert isinstance(e.value, checkpoint.CheckpointMismatchError)
@@ -782,9 +783,10 @@ def test_a_missing_best_checkpoint_and_a_step_folder(trained, tmp_path, capsys):
     line = one_error_line(capsys)
     assert f"{root / 'run'}: no best checkpoint" in line and "it has the latest checkpoints [2, 4]: use " \
                                                               "--checkpoint latest or a step" in line
-    assert evaluate.main([f"--config={cfg}", f"--workdir={root / 'run' / 'checkpoints' / '2'}", "--noprogress",
-                          f"--output={tmp_path / 'e2'}"]) == 0
-    assert json.loads((tmp_path / "e2" / "metrics.json").read_text())["step"] == 2
+    work = copy_run(root, tmp_path / "run")
+    assert evaluate.main([f"--config={cfg}", f"--workdir={work / 'checkpoints' / '2'}", "--noprogress"]) == 0
+    assert json.loads((work / "eval_test_2" / "metrics.json").read_text())["step"] == 2   # beside, not inside, it
+    assert sorted(os.listdir(work / "checkpoints" / "2")) == sorted(os.listdir(root / "run" / "checkpoints" / "2"))
 
 
 def test_benchmark_checks_its_json_output_before_measuring(tmp_path, capsys, monkeypatch):

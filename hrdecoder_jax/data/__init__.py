@@ -125,7 +125,11 @@ def _write_record(builder, manual_dir: str | None) -> dict:
     from hrdecoder_jax.workdir import write_file
     folder = os.fspath(builder.data_dir)
     record = {"manual_dir": manual_dir, "fingerprint": _fingerprint_files(folder)}
-    write_file(os.path.join(folder, PREPARED_RECORD), json.dumps(record, indent=1) + "\n")
+    try:
+        write_file(os.path.join(folder, PREPARED_RECORD), json.dumps(record, indent=1) + "\n")
+    except OSError as e:           # a read-only data_dir (a shared copy): the fingerprint is computed each time
+        log.warning("[data] cannot write %s (%s); its fingerprint is computed again each time",
+                    os.path.join(folder, PREPARED_RECORD), e.strerror)
     return record
 
 
