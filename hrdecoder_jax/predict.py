@@ -299,32 +299,48 @@ def define_flags(fv) -> None:
     flags.mark_flags_as_required(["workdir", "input", "output"], flag_values=fv)
 
 
+def _photos(path: str) -> list[str]:
+    """The photos ``--input`` names (``list_inputs``), saying which earlier outputs were left out; an earlier
+    output named on its own is refused."""
+    from hrdecoder_jax import cli
+
+    paths = list_inputs(path)
+    if os.path.isdir(os.path.expanduser(path)):
+        recorded = recorded_outputs(path)
+        left_out = [n for n in os.listdir(os.path.expanduser(path)) if n in recorded]
+        if left_out:
+            print(f"left out {len(left_out)} output file(s) of an earlier predict in {path} (listed in its "
+                  f"{MANIFEST})", file=sys.stderr, flush=True)
+    elif os.path.basename(paths[0]) in recorded_outputs(os.path.dirname(os.path.abspath(paths[0]))):
+        raise cli.CommandError(f"{path} is an output of an earlier predict (listed in {MANIFEST} beside it), "
+                               "not a photo")
+    if not paths:
+        raise cli.CommandError(f"no JPEG/PNG/TIFF files in {path}")
+    return paths
+
+
+def _check_no_input_overwritten(paths: list[str], stems: dict[str, str], out_dir: str, save_npy: bool) -> None:
+    """Refuse, before any work, an output name that is one of the inputs (``--output`` = the input folder)."""
+    from hrdecoder_jax import cli
+
+    inputs = {os.path.realpath(p): p for p in paths}
+    for path in paths:
+        for name in output_names(stems[path], save_npy).values():
+            hit = inputs.get(os.path.realpath(os.path.join(out_dir, name)))
+            if hit is not None:
+                raise cli.CommandError(f"the output {name} of {path} would overwrite the input {hit}; choose "
+                                       "another --output")
+
+
 def run(fv) -> int:
     from hrdecoder_jax import checkpoint, cli, config_utils
     from hrdecoder_jax.inference import make_forward
 
     config_utils.validate_config(fv.config)
-    paths = list_inputs(fv.input)
-    if os.path.isdir(os.path.expanduser(fv.input)):
-        recorded = recorded_outputs(fv.input)
-        left_out = [n for n in os.listdir(os.path.expanduser(fv.input)) if n in recorded]
-        if left_out:
-            print(f"left out {len(left_out)} output file(s) of an earlier predict in {fv.input} (listed in its "
-                  f"{MANIFEST})", file=sys.stderr, flush=True)
-    elif os.path.basename(paths[0]) in recorded_outputs(os.path.dirname(os.path.abspath(paths[0]))):
-        raise cli.CommandError(f"{fv.input} is an output of an earlier predict (listed in {MANIFEST} beside it), "
-                               "not a photo")
-    if not paths:
-        raise cli.CommandError(f"no JPEG/PNG/TIFF files in {fv.input}")
+    paths = _photos(fv.input)
     out_dir = cli.check_writable_dir(fv.output, "--output")        # before any model runs
     stems = output_stems(paths)
-    inputs = {os.path.realpath(p): p for p in paths}
-    for path in paths:
-        for name in output_names(stems[path], fv.save_npy).values():
-            if os.path.realpath(os.path.join(out_dir, name)) in inputs:
-                raise cli.CommandError(f"the output {name} of {path} would overwrite the input "
-                                       f"{inputs[os.path.realpath(os.path.join(out_dir, name))]}; choose another "
-                                       "--output")
+    _check_no_input_overwritten(paths, stems, out_dir, fv.save_npy)
     model, meta = checkpoint.restore_for_inference(fv.config, fv.workdir, cli.checkpoint_choice(fv.checkpoint))
     print(f"restored {fv.workdir} ({fv.checkpoint}, step {meta.get('step')})", file=sys.stderr, flush=True)
     _record_outputs(out_dir, paths, stems, fv.save_npy, meta.get("checkpoint") or fv.workdir)

@@ -121,9 +121,11 @@ def test_two_process_launch_agrees(tmp_path):
     """The local launcher runs 2 processes x 2 CPU devices through jax.distributed on a fresh data_dir (process
     0 prepares the dataset, the other waits for it: both preparing at once killed the first run); both
     processes see the same global losses, equal to the single-process 4-device run of the same config."""
-    config = shrunk_synthetic_config(tmp_path / "data", total_steps=2)
+    config = shrunk_synthetic_config(tmp_path / "data_single", total_steps=2)
     config.eval_every = 0
-    assert not (tmp_path / "data").exists()
+    single = tmp_path / "single"
+    train_and_evaluate(config, str(single), final_eval=False)
+    # The same synthetic dataset, generated afresh by the two processes in a data_dir of their own.
     overrides = [f"--config.{k}={v}" for k, v in {
         "data.data_dir": tmp_path / "data", "total_steps": 2, "eval_every": 0}.items()]
     # The model and data sections are swapped in through a config file written for the subprocesses.
@@ -142,8 +144,6 @@ def test_two_process_launch_agrees(tmp_path):
     # On failure show the error lines first (a crashing process's module list fills the tail).
     errors = [ln for ln in result.stderr.splitlines() if "rror" in ln or "Check failed" in ln or "imeout" in ln]
     assert result.returncode == 0, "\n".join(errors[-30:]) + "\n...\n" + result.stderr[-2000:]
-    single = tmp_path / "single"
-    train_and_evaluate(config, str(single), final_eval=False)
     p0 = read_losses(tmp_path / "multi" / "metrics.jsonl")
     p1 = read_losses(tmp_path / "multi" / "metrics.process1.jsonl")
     ref = read_losses(single / "metrics.jsonl")
