@@ -495,13 +495,20 @@ def _loop(run: _Run, tx, mesh, train_ds, start_step: int, stop_after: int | None
     last: dict = {}
     t0 = t_log = time.perf_counter()
     steps_since = 0
+    step_fn = jit_step
     with _StopSignals() as stop:
         for step in range(start_step, config.total_steps):
             batch = next(batches)
             images = {k: jax.make_array_from_process_local_data(data_sharding, batch[k]) for k in ("image", "valid")}
             labels = jax.make_array_from_process_local_data(data_sharding, batch["packed"])
-            run.params, run.rest, run.opt_state, metrics = jit_step(run.params, run.rest, run.opt_state,
-                                                                    jnp.int32(step), images, labels)
+            if step == start_step and jax.process_count() > 1:
+                # Compile first, then meet, then run: the CPU collectives (gloo) give the peers of a new context
+                # only 30 s to arrive, and two processes' compile times differ by more on a busy host.
+                step_fn = jit_step.lower(run.params, run.rest, run.opt_state, jnp.int32(step), images,
+                                         labels).compile()
+                _wait_for_all("hrdecoder_jax.train:compiled")
+            run.params, run.rest, run.opt_state, metrics = step_fn(run.params, run.rest, run.opt_state,
+                                                                   jnp.int32(step), images, labels)
             total, grad_norm = (float(v) for v in jax.device_get((metrics["total"], metrics["grad_norm"])))
             if not (math.isfinite(total) and math.isfinite(grad_norm)):
                 raise FloatingPointError(f"loss {total}, gradient norm {grad_norm} at step {step + 1}; stopping. "
