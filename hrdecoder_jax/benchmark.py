@@ -488,7 +488,12 @@ def _purpose(what: Sequence[str]) -> str:
 
 
 def run(fv) -> int:
+    from hrdecoder_jax import cli
     what = tuple(x.strip() for x in fv.what.split(",") if x.strip())
+    if fv.json:      # before minutes of measuring, not after
+        cli.check_writable_dir(os.path.dirname(os.path.abspath(os.path.expanduser(fv.json))), "--json's folder")
+        if os.path.isdir(os.path.expanduser(fv.json)):
+            raise cli.CommandError(f"--json {fv.json} is a folder; give a file name")
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({dev.platform}), {jax.device_count()} device(s); jax {jax.__version__}",
           flush=True)
@@ -499,7 +504,8 @@ def run(fv) -> int:
                         data_dir=fv.data_dir, config_name=name)
     print(format_table(res))
     if fv.json:
-        with open(fv.json, "w") as f:
+        from hrdecoder_jax.workdir import atomic_write
+        with atomic_write(os.path.expanduser(fv.json)) as f:
             json.dump(res, f, indent=2)
             f.write("\n")
     print(json.dumps(res), flush=True)

@@ -11,11 +11,20 @@ checkpoint restores onto any device count: leaves are restored into abstract tar
 current sharding. Two managers instead of one with ``best_fn``: Orbax's ``max_to_keep`` with a
 ``best_fn`` keeps the N best and can delete the latest, which a resume needs.
 
-Verified: every save writes ``digests`` (a BLAKE2b digest of every array of ``model`` and ``opt_state``,
-with its dtype and shape) beside the arrays, and every restore recomputes them: a file changed on disk
-fails with ``CheckpointCorruptError`` naming the step and the tensor (Orbax writes atomically but does
-not verify what it reads; TensorStore read errors are reported the same way). Training falls back to the
-previous intact step; ``evaluate`` and ``predict`` refuse.
+Verified, in this order, by every restore:
+
+1. what it holds: ``meta`` records the model's type, the settings that define it and their digest
+   (``model_meta``; ``config_utils.model_identity``); a checkpoint of another model type or config is
+   refused (``CheckpointMismatchError``, naming the fields that differ), even where the shapes would fit;
+2. its shapes: the stored arrays' metadata against the target's (the optimizer state's too), before any
+   array is read: a mismatch names the parameter and both shapes (``CheckpointMismatchError``);
+3. its bytes: every save writes ``digests`` (a BLAKE2b digest of every array of ``model`` and
+   ``opt_state``, with its dtype and shape) beside the arrays, and every restore recomputes them: a file
+   changed on disk, or one that cannot be read, fails with ``CheckpointCorruptError`` naming the step and
+   the tensor (Orbax writes atomically but does not verify what it reads).
+
+Only 3 is corruption: training moves such a step to ``corrupt/`` and falls back to the previous one
+(never the last one left); a mismatch moves nothing. ``evaluate`` and ``predict`` refuse both.
 """
 from __future__ import annotations
 
@@ -29,6 +38,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from hrdecoder_jax import config_utils
+
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
 
@@ -39,6 +50,59 @@ class CheckpointError(ValueError):
 
 class CheckpointCorruptError(CheckpointError):
     """A checkpoint whose files changed since they were written (or cannot be read back)."""
+
+
+USE_ITS_CONFIG = "; use the config it was written with"
+
+
+class CheckpointMismatchError(CheckpointError):
+    """An intact checkpoint that does not fit what it is restored into: another model type or config, other
+    parameter shapes, another optimizer's state. Never a reason to move the checkpoint aside."""
+
+
+def model_meta(model_config) -> dict:
+    """What every checkpoint's ``meta`` records of the model it holds: ``model_type``, ``model_config`` (the
+    settings that define it, ``config_utils.model_identity``) and ``model_digest``."""
+    return {"model_type": config_utils.field(model_config, "type"),
+            "model_config": config_utils.model_identity(model_config),
+            "model_digest": config_utils.model_digest(model_config)}
+
+
+def model_kind(model: nnx.Module) -> str:
+    """The ``model.type`` a built model is (``HRDecoder``, ``EfficientHRDecoder`` or ``FCN``)."""
+    if type(model).__name__ == "FCNSegmentor":
+        return "FCN"
+    return "EfficientHRDecoder" if getattr(model, "multiscale_compressor", None) is not None else "HRDecoder"
+
+
+def check_model(meta: Mapping | None, model_config, where: str) -> None:
+    """Refuse (``CheckpointMismatchError``) a checkpoint whose ``meta`` records another model than
+    ``model_config`` defines: another ``model.type``, or other defining settings (named, checkpoint -> this
+    config). ``model_config`` may be just the type (a string). Checkpoints written before these records
+    existed are checked as far as they go."""
+    if model_config is None or not meta:
+        return
+    stored = meta.get("model_config")
+    stored = config_utils.model_identity(stored) if isinstance(stored, Mapping) and stored else None
+    have = meta.get("model_type") or (stored or {}).get("model.type")
+    want = model_config if isinstance(model_config, str) else config_utils.field(model_config, "type")
+    if have and have != want:
+        raise CheckpointMismatchError(f"{where} holds a {have} model, but this config builds a {want} "
+                                      "(model.type)" + USE_ITS_CONFIG)
+    if isinstance(model_config, str):          # only the type is known (a model built without its config)
+        return
+    if meta.get("model_digest") == config_utils.model_digest(model_config):
+        return
+    if stored is not None:
+        diff = config_utils.changes(stored, config_utils.model_identity(model_config))
+        if diff:
+            shown = ", ".join(diff[:4]) + (f" and {len(diff) - 4} more" if len(diff) > 4 else "")
+            raise CheckpointMismatchError(f"{where} was written for another model config ({shown}; checkpoint -> "
+                                          "this config)" + USE_ITS_CONFIG)
+    elif meta.get("model_digest"):
+        raise CheckpointMismatchError(f"{where} was written for another model config (model digest "
+                                      f"{meta['model_digest']}, this config's {config_utils.model_digest(model_config)})"
+                                      + USE_ITS_CONFIG)
 
 
 def digests(tree) -> dict[str, str]:
@@ -145,10 +209,13 @@ class Checkpointer:
     def best_step(self) -> int | None:
         return None if self.best is None else self.best.latest_step()
 
-    def restore(self, step: int, *, model_target: Mapping, opt_state_target: Any | None) -> dict:
+    def restore(self, step: int, *, model_target: Mapping, opt_state_target: Any | None,
+                model_config=None) -> dict:
         """Restore and verify ``step`` into targets that carry the wanted shapes, dtypes and shardings;
-        raises ``CheckpointCorruptError`` for files that changed on disk or cannot be read."""
-        return _restore(self.latest, os.path.join(self.workdir, LATEST_DIR), step, model_target, opt_state_target)
+        raises ``CheckpointMismatchError`` for a checkpoint of another model (``model_config``), shapes or
+        optimizer, ``CheckpointCorruptError`` for files that changed on disk or cannot be read."""
+        return _restore(self.latest, os.path.join(self.workdir, LATEST_DIR), step, model_target, opt_state_target,
+                        model_config=model_config)
 
     def steps(self) -> list[int]:
         """The kept training steps, newest first."""
@@ -191,36 +258,100 @@ def _save_args(model: Mapping, meta: dict, opt_state: Any | None = None) -> ocp.
 
 
 def _restore(mgr: ocp.CheckpointManager, directory: str, step: int, model_target: Mapping,
-             opt_state_target: Any | None = None) -> dict:
+             opt_state_target: Any | None = None, *, model_config=None) -> dict:
+    """Restore ``step`` after checking what it holds (``check_model``) and its shapes (``_check_shapes``),
+    then verify its bytes (``verify``). Only an unreadable file or a digest that differs is corruption."""
     where = f"{directory}/{step}"
+    meta = _read_json(mgr, step, "meta", where)
+    check_model(meta, model_config, where)
+    step_dir = os.path.join(directory, str(step))
+    _check_shapes(os.path.join(step_dir, "model"), model_target, where, "parameter")
     args = {"model": ocp.args.StandardRestore(_abstract(model_target)), "meta": ocp.args.JsonRestore()}
     if opt_state_target is not None:
+        _check_shapes(os.path.join(step_dir, "opt_state"), opt_state_target, where, "optimizer state")
         args["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_target))
-    if os.path.isdir(os.path.join(directory, str(step), "digests")):
+    if os.path.isdir(os.path.join(step_dir, "digests")):
         args["digests"] = ocp.args.JsonRestore()
     try:
         restored = mgr.restore(step, args=ocp.args.Composite(**args))
-    except (ValueError, KeyError, TypeError) as e:
-        text = _first_line(e)
-        if any(w in text.lower() for w in ("corrupt", "data_loss", "checksum", "decod", "invalid", "truncat",
-                                           "unexpected end", "failed to read", "error reading")):
-            raise CheckpointCorruptError(f"{where}: cannot be read ({text})") from None
-        raise CheckpointError(f"{where}: does not fit this model ({text}); was it written for another "
-                              "config?") from None
-    except FileNotFoundError as e:
-        raise CheckpointCorruptError(f"{where}: a file is missing ({e.filename or _first_line(e)})") from None
     except Exception as e:  # noqa: BLE001 - TensorStore/Orbax raise many kinds for unreadable files
-        raise CheckpointCorruptError(f"{where}: cannot be read, a data file is missing or damaged "
-                                     f"({_first_line(e)})") from None
+        raise _read_error(e, where) from None
     verify(restored, where)
     return restored
 
 
+# Signs of a file that cannot be read back (the what and the shapes were checked before the arrays are read).
+_READ_FAILURES = ("corrupt", "data_loss", "checksum", "decod", "invalid", "unexpected end", "failed to read",
+                  "error reading", "error while reading", "not_found", "no such file", "out_of_range")
+
+
+def _read_error(e: BaseException, where: str) -> CheckpointError:
+    """The error of a failed read of a checkpoint whose model and shapes fit: ``CheckpointCorruptError`` for a
+    byte-level failure (a missing, truncated or undecodable file), a plain ``CheckpointError`` otherwise."""
+    if isinstance(e, FileNotFoundError):
+        return CheckpointCorruptError(f"{where}: a file is missing ({e.filename or _first_line(e)})")
+    text = _first_line(e)
+    if isinstance(e, OSError) or any(w in text.lower() for w in _READ_FAILURES) or \
+            not isinstance(e, (ValueError, KeyError, TypeError, RuntimeError, MemoryError)):
+        return CheckpointCorruptError(f"{where}: cannot be read, a data file is missing or damaged ({text})")
+    return CheckpointError(f"{where}: cannot be restored ({type(e).__name__}: {text})")
+
+
+def _read_json(mgr: ocp.CheckpointManager, step: int, item: str, where: str) -> dict:
+    """The JSON item ``item`` (``meta``) of ``step`` ({} for a checkpoint without it)."""
+    if not os.path.isdir(os.path.join(where, item)):
+        return {}
+    try:
+        return dict(mgr.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item] or {})
+    except Exception as e:  # noqa: BLE001 - a file that does not parse is a damaged file
+        raise CheckpointCorruptError(f"{where}: its {item} cannot be read ({_first_line(e)})") from None
+
+
+def _key_name(path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _leaf_shapes(tree, is_leaf=None) -> dict[str, tuple]:
+    return {_key_name(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
+
+
+def _check_shapes(item_dir: str, target: Any, where: str, what: str) -> None:
+    """Compare the arrays stored in ``item_dir`` (their metadata: names, shapes) with ``target`` before any
+    array is read; a difference is a ``CheckpointMismatchError`` naming the parameter and both shapes."""
+    from etils import epath
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        stored_tree = handler.metadata(epath.Path(item_dir)).tree
+    except Exception as e:  # noqa: BLE001 - a metadata file that cannot be read is a damaged file
+        raise _read_error(e, where) from None
+    finally:
+        handler.close()
+    stored = _leaf_shapes(stored_tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+    wanted = _leaf_shapes(target)
+    hint = (" (was it written with another optimizer? compare optimizer.name)" if what == "optimizer state"
+            else " (a checkpoint of another model config)")
+    for name, shape in wanted.items():
+        if name in stored and stored[name] != shape:
+            raise CheckpointMismatchError(f"{where}: {what} {name} is {stored[name]} in the checkpoint but "
+                                          f"{shape} in this {'optimizer' if what == 'optimizer state' else 'model'}"
+                                          + hint)
+    missing = [n for n in wanted if n not in stored]
+    extra = [n for n in stored if n not in wanted]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} {what} tensors of this run are not in it (e.g. {missing[0]})")
+        if extra:
+            parts.append(f"{len(extra)} of its tensors have no place here (e.g. {extra[0]})")
+        raise CheckpointMismatchError(f"{where}: does not fit: {'; '.join(parts)}" + hint)
+
+
 def save_model(workdir: str, model: nnx.Module, *, config=None, source: str = "", step: int = 0) -> str:
     """Write a model-only checkpoint (as ``convert`` does) to ``workdir/checkpoints/<step>``; returns its path."""
-    meta = {"step": step, "source": source, "kind": "model"}
+    meta = {"step": step, "source": source, "kind": "model", "model_type": model_kind(model)}
     if config is not None:
-        meta["model_config"] = config.model.to_dict() if hasattr(config, "model") else dict(config)
+        meta.update(model_meta(config.model if "model" in config else config))
     mgr = _manager(os.path.join(workdir, LATEST_DIR), max_to_keep=None, async_save=False)
     if step in mgr.all_steps():
         mgr.close()
@@ -240,21 +371,31 @@ def _jsonable(obj):
     return obj
 
 
+def _steps_in(directory: str) -> list[int]:
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory)
+                  if n.isdigit() and os.path.isdir(os.path.join(directory, n, "model")))
+
+
 def find_checkpoint(path: str, which: str | int = "latest") -> tuple[str, int]:
-    """Resolve ``path`` (a workdir, a ``checkpoints``/``best`` directory) and ``which`` ('latest', 'best'
-    or a step) to ``(manager directory, step)``."""
+    """Resolve ``path`` (a workdir, a ``checkpoints``/``best`` directory, or one step's folder) and ``which``
+    ('latest', 'best' or a step) to ``(manager directory, step)``."""
     path = os.path.abspath(os.path.expanduser(path))
+    name = os.path.basename(path)
+    if name.isdigit() and os.path.isdir(os.path.join(path, "model")):      # a step's own folder
+        step, parent = int(name), os.path.dirname(path)
+        if which == "latest" or (which == "best" and os.path.basename(parent) == BEST_DIR) or \
+                (which not in ("latest", "best") and int(which) == step):
+            return parent, step
+        raise CheckpointError(f"{path} is the checkpoint of step {step}, not the {which} one; pass its workdir "
+                              f"to choose with --checkpoint, or leave --checkpoint at 'latest'")
     if which == "best":
         candidates = [os.path.join(path, BEST_DIR), path]
     else:
         candidates = [os.path.join(path, LATEST_DIR), path, os.path.join(path, BEST_DIR)]
     for directory in candidates:
-        if not os.path.isdir(directory):
-            continue
-        steps = ocp.utils.checkpoint_steps(directory) if hasattr(ocp.utils, "checkpoint_steps") else None
-        if steps is None:
-            steps = [int(n) for n in os.listdir(directory) if n.isdigit()
-                     and os.path.isdir(os.path.join(directory, n, "model"))]
+        steps = _steps_in(directory)
         if not steps:
             continue
         if which in ("latest", "best"):
@@ -263,22 +404,30 @@ def find_checkpoint(path: str, which: str | int = "latest") -> tuple[str, int]:
         if step in steps:
             return directory, step
         raise CheckpointError(f"{directory}: no checkpoint for step {step} (have {sorted(steps)})")
+    latest = _steps_in(os.path.join(path, LATEST_DIR))
+    if which == "best" and latest:
+        raise CheckpointError(f"{path}: no best checkpoint (nothing in {os.path.join(path, BEST_DIR)}: a convert "
+                              "workdir, or a run without validation, keeps none); it has the latest "
+                              f"checkpoint{'s' if len(latest) > 1 else ''} {latest}: use --checkpoint latest or a step")
     raise CheckpointError(f"{path}: no Orbax checkpoint found (looked for {', '.join(candidates)}); "
                           "train first or run `python -m hrdecoder_jax.convert`")
 
 
-def restore_model(path: str, model: nnx.Module, which: str | int = "latest") -> dict:
+def restore_model(path: str, model: nnx.Module, which: str | int = "latest", *, model_config=None) -> dict:
     """Fill ``model`` from the checkpoint at ``path`` (see ``find_checkpoint``) after verifying it; returns
-    its ``meta``. A checkpoint of another architecture fails with one line naming the directory and the
-    first mismatching parameter; a corrupt one with ``CheckpointCorruptError``."""
+    its ``meta`` with ``step`` and ``checkpoint`` (the step's folder). ``model_config``: the model section
+    ``model`` was built from (without it only the model's type is checked); a checkpoint of another model
+    type or config is refused (``CheckpointMismatchError``), as is one whose shapes do not fit (naming the
+    parameter and both shapes); a corrupt one raises ``CheckpointCorruptError``."""
     directory, step = find_checkpoint(path, which)
     mgr = ocp.CheckpointManager(directory)
     try:
-        restored = _restore(mgr, directory, step, model_state(model))
+        restored = _restore(mgr, directory, step, model_state(model),
+                            model_config=model_kind(model) if model_config is None else model_config)
     finally:
         mgr.close()
     load_model_state(model, restored["model"])
-    return dict(restored["meta"] or {}, step=step)
+    return dict(restored["meta"] or {}, step=step, checkpoint=os.path.join(directory, str(step)))
 
 
 def restore_for_inference(config, workdir: str, which: str | int = "latest"):
@@ -291,10 +440,10 @@ def restore_for_inference(config, workdir: str, which: str | int = "latest"):
     from hrdecoder_jax.models import build_model
 
     model = nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(0)))
-    meta = restore_model(workdir, model, which)
+    meta = restore_model(workdir, model, which, model_config=config.model)
     if any(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(nnx.state(model))):
         model = build_model(config.model, rngs=nnx.Rngs(0))
-        meta = restore_model(workdir, model, which)
+        meta = restore_model(workdir, model, which, model_config=config.model)
     model.eval()
     return model, meta
 

@@ -75,7 +75,12 @@ def parse(name: str, define: Callable[[flags.FlagValues], None], argv: Sequence[
         flags.mark_flag_as_required("config", flag_values=fv)
     flags.DEFINE_bool("verbose", False, "On an error also print the traceback; show INFO logs.", flag_values=fv)
     define(fv)
-    rest = fv([name, *argv])
+    spec = _config_spec(argv) if config else None
+    try:
+        rest = fv([name, *argv])
+    except Exception as e:  # noqa: BLE001 - the config file runs while the flags are parsed
+        _raise_config_file_error(e, spec)
+        raise
     if len(rest) > 1:
         raise flags.Error(f"unexpected arguments: {' '.join(rest[1:])}")
     if config:
@@ -85,10 +90,43 @@ def parse(name: str, define: Callable[[flags.FlagValues], None], argv: Sequence[
         try:
             fv.config     # ml_collections loads lazily; a broken file should fail here, not mid-run
         except Exception as e:  # noqa: BLE001 - whatever the file raised, one line naming it
+            _raise_config_file_error(e, path)
             cause = e.__cause__ or e.__context__ or e
             raise flags.Error(f"--config={path}: cannot load it ({type(cause).__name__}: "
                               f"{str(cause).strip().splitlines()[0] if str(cause).strip() else ''})") from None
     return fv
+
+
+def _config_spec(argv: Sequence[str]) -> str | None:
+    """The ``--config`` value of ``argv`` (``file.py[:variant]``), if any."""
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _raise_config_file_error(e: BaseException, spec: str | None) -> None:
+    """If ``e`` was raised by the code of the config file ``spec`` (a syntax error, a wrong name, an
+    exception in ``get_config``), raise ``flags.Error`` naming the file and line instead."""
+    if not spec:
+        return
+    path = os.path.abspath(spec.split(":")[0])
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        line = None
+        if isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) == path:
+            line = e.lineno
+        else:
+            for frame, lineno in traceback.walk_tb(e.__traceback__):
+                if os.path.abspath(frame.f_code.co_filename) == path:
+                    line = lineno
+        if line is not None:
+            text = (e.msg if isinstance(e, SyntaxError) else str(e)).strip().splitlines()
+            raise flags.Error(f"{spec.split(':')[0]}:{line}: {type(e).__name__}: {text[0] if text else ''}") from None
+        e = e.__cause__ or e.__context__
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()):
@@ -165,15 +203,18 @@ def _flag_error_text(e: BaseException) -> str:
 
 
 def main(name: str, doc: str, define: Callable[[flags.FlagValues], None], run: Callable[[flags.FlagValues], int],
-         argv: Sequence[str] | None = None, *, config: bool = True, purpose: str | None = "inference") -> int:
-    """Parse, set the process up (``runtime.configure(purpose)``), run; returns the exit status."""
+         argv: Sequence[str] | None = None, *, config: bool = True, purpose: str | None = "inference",
+         tensorflow: bool = True) -> int:
+    """Parse, set the process up (``runtime.configure(purpose)``; ``tensorflow=False`` for a command that
+    never uses it), run; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("--help", "-h", "--helpfull", "--helpshort") for a in argv):
         print(usage(name, doc, define, config))
         return 0
     try:
         fv = parse(name, define, argv, config=config)
-    except (flags.Error, KeyError, AttributeError, ValueError, TypeError, OSError) as e:
+    except (flags.Error, KeyError, AttributeError, ValueError, TypeError, OSError, SyntaxError, NameError,
+            ImportError) as e:
         # flags.Error for bad flags; the config loader raises the others for a bad file or override.
         msg = _flag_error_text(e)
         print(f"error: {msg} (python -m hrdecoder_jax.{name} --help lists the flags)", file=sys.stderr)
@@ -188,7 +229,7 @@ def main(name: str, doc: str, define: Callable[[flags.FlagValues], None], run: C
         logging.get_absl_logger().addFilter(_QuietLibraries())
     if purpose is not None:
         from hrdecoder_jax import runtime
-        runtime.configure(purpose)
+        runtime.configure(purpose, tensorflow=tensorflow, quiet=not verbose)
     try:
         return int(run(fv) or 0)
     except KeyboardInterrupt:
@@ -199,7 +240,11 @@ def main(name: str, doc: str, define: Callable[[flags.FlagValues], None], run: C
     except Exception as e:  # noqa: BLE001 - the one place every command's errors are turned into one line
         if verbose:
             traceback.print_exc()
-        print(f"error: {describe(e)}", file=sys.stderr, flush=True)
+        problem = None
+        if not isinstance(e, _expected_types()) and "jax" in sys.modules:
+            from hrdecoder_jax import runtime
+            problem = runtime.platform_problem()       # e.g. JAX_PLATFORMS=cuda without a GPU backend
+        print(f"error: {problem or describe(e)}", file=sys.stderr, flush=True)
         return 1
 
 

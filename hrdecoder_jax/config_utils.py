@@ -8,7 +8,9 @@ Field names mirror the mmseg configs users know:
 """
 from __future__ import annotations
 
-from typing import Sequence
+import hashlib
+import json
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 
@@ -121,6 +123,72 @@ def window_weighting(test_cfg) -> tuple[str, float]:
     return str(weighting), float(sigma_scale)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# A config as flat fields: what a checkpoint records of its model, and what changed between two configs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def flatten(cfg, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b.c": value}`` of a ConfigDict, a dict (e.g. a ``config.json`` read back) or None; values made
+    JSON-like (tuples are lists), so a config and its stored JSON compare equal."""
+    if cfg is None:
+        return {}
+    if isinstance(cfg, ml_collections.ConfigDict):
+        cfg = json.loads(cfg.to_json_best_effort())
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            value = json.loads(value.to_json_best_effort())
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = json.loads(json.dumps(value, default=str))
+    return out
+
+
+def _show(value) -> str:
+    if isinstance(value, list):
+        return "(" + ", ".join(_show(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``["total_steps 300 -> 800", ...]``: the fields of two ``flatten``ed configs that differ, in field order
+    (a field only one of them has shows as ``(absent)``)."""
+    out = []
+    for key in list(old) + [k for k in new if k not in old]:
+        a, b = old.get(key, "(absent)"), new.get(key, "(absent)")
+        if a != b:
+            out.append(f"{key} {a if a == '(absent)' else _show(a)} -> {b if b == '(absent)' else _show(b)}")
+    return out
+
+
+# Model settings that neither change the parameters nor what the trained network computes: a checkpoint
+# restores under other values of them (another test-time window or compute dtype, training-only settings).
+RUNTIME_MODEL_FIELDS = ("dtype", "test_cfg", "hr_settings.crop_num", "hr_settings.scale_ratio",
+                        "hr_settings.divisible", "hr_settings.hr_loss_weight", "hr_settings.lr_loss_weight",
+                        "decode_head.loss_smooth", "decode_head.dropout_ratio")
+
+
+def model_identity(model) -> dict[str, Any]:
+    """The settings of a model section that define the model a checkpoint holds (its type, architecture,
+    HR settings): ``flatten(model)`` with keys ``model.*``, less ``RUNTIME_MODEL_FIELDS``. Takes a ConfigDict
+    or a stored dict (such as a checkpoint's ``meta["model_config"]``, already flat, or a nested one)."""
+    if isinstance(model, Mapping) and model and all(str(k).startswith("model.") for k in model):
+        flat = dict(model)
+    else:
+        flat = flatten(model, "model.")
+    runtime = tuple(f"model.{f}" for f in RUNTIME_MODEL_FIELDS)
+    return {k: v for k, v in flat.items() if not any(k == r or k.startswith(r + ".") for r in runtime)}
+
+
+def model_digest(model) -> str:
+    """A short digest of ``model_identity(model)``: equal exactly when two model sections define the same model."""
+    text = json.dumps(model_identity(model), sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
 def validate_model_config(model: ml_collections.ConfigDict, train_size: Sequence[int] | None = None,
                           test_size: Sequence[int] | None = None) -> None:
     """Check that crop, window and image sizes map exactly onto the feature grid. Raises ``ConfigError``.
@@ -206,7 +274,8 @@ def default_data_config() -> ml_collections.ConfigDict:
       val_fraction, val_count, val_seed: held-out validation split of the training split
         (val_count, if set, wins over val_fraction).
       validate_on: "val" (held-out split) or "test" (the reference: select checkpoints on test).
-      cache: True / "memory" (in-memory cache), or a directory path (one file per example).
+      cache: True / "memory" (in-memory cache), or a directory path (one file per example, in a
+        sub-folder named by a fingerprint of the data it holds, so datasets never share one).
       num_parallel_calls: parallelism of the per-example maps (-1 = AUTOTUNE).
       prefetch: batches to prefetch (-1 = AUTOTUNE).
     """
@@ -324,6 +393,13 @@ def _check_pair(name: str, value, *, positive: bool = True) -> None:
 
 def validate_data_config(data: ml_collections.ConfigDict) -> None:
     """The shapes of the data settings (the pipeline would fail deep inside TensorFlow otherwise)."""
+    val_count = data.get("val_count")
+    if val_count is not None and (isinstance(val_count, bool) or not isinstance(val_count, int) or val_count < 0):
+        raise ConfigError(f"data.val_count={val_count!r} must be a number of images >= 0 (or None to use "
+                          "data.val_fraction)")
+    frac = data.get("val_fraction", 0.0)
+    if not isinstance(frac, (int, float)) or not 0 <= frac < 1:
+        raise ConfigError(f"data.val_fraction={frac!r} must be in [0, 1)")
     for name in ("crop_size", "img_scale", "test_scale"):
         _check_pair(f"data.{name}", data[name])
     if data.get("ratio_range") is not None:
@@ -341,8 +417,21 @@ def validate_data_config(data: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"data.label_mode must be 'overwrite' or 'multilabel', got {data.label_mode!r}")
 
 
+SECTIONS = {"model": "config_utils.model_config(...)",
+            "data": "config_utils.synthetic_data_config(...) or default_data_config()",
+            "optimizer": "config_utils.optimizer_config()", "eval": "config_utils.base_config().eval"}
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Validate a whole training config (model against the data sizes). Raises ``ConfigError``."""
+    for name, helper in SECTIONS.items():
+        if not isinstance(field(config, name), (ml_collections.ConfigDict, dict)):
+            raise ConfigError(f"the config has no '{name}' section: set config.{name} (e.g. {helper}) in its "
+                              "get_config()")
+    max_images = field(config.eval, "max_images")
+    if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int)
+                                   or max_images < 1):
+        raise ConfigError(f"eval.max_images={max_images!r} must be >= 1 (or None for every image)")
     validate_data_config(config.data)
     for name in ("total_steps", "log_every", "checkpoint_every"):
         if config[name] < 1:

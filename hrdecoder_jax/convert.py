@@ -1,7 +1,7 @@
 """Import PyTorch (mmseg-format) weights into the Flax models, and the ``convert`` command.
 
-Accepted sources: a ``.pth``/``.pt`` file (read with ``torch.load(weights_only=True)``), an ``.npz`` of the same
-keys, or a mapping of name to array/tensor. Handled on the way in: a ``state_dict`` wrapper, DDP's
+Accepted sources: a ``.pth``/``.pt`` file (read with ``torch.load(weights_only=True)``, numpy scalars allowed in
+its ``meta`` as mmcv writes them), an ``.npz`` of the same keys, or a mapping of name to array/tensor. Handled on the way in: a ``state_dict`` wrapper, DDP's
 ``module.`` prefix, and the ImageNet HRNetV2 checkpoints (``hrnetv2_w18-00eb2006.pth``,
 ``hrnetv2_w48-d2186c55.pth``), whose keys have no ``backbone.`` prefix and whose classification layers
 (``incre_modules``, ``downsamp_modules``, ``final_layer``, ``classifier``) are ignored.
@@ -74,6 +74,23 @@ def _to_numpy(value) -> np.ndarray:
     return np.asarray(value)
 
 
+def _numpy_globals() -> list:
+    """What mmcv's checkpoints pickle besides tensors: numpy scalars and dtypes in ``meta`` (a ``best_score``
+    when the config sets ``evaluation=dict(save_best=...)``, as the original's configs do). Allowed to
+    ``torch.load(weights_only=True)``, which still runs no code: numpy's scalar constructor under both of
+    its names (numpy 1 writes ``numpy.core.multiarray.scalar``, numpy 2 ``numpy._core...``), ``numpy.dtype``
+    and numpy's dtype classes."""
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import scalar
+    allowed = [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
+    return allowed
+
+
 def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Read a state_dict from a path (``.pth``/``.pt``/``.npz``) or mapping; unwrap and strip prefixes."""
     if isinstance(source, (str, os.PathLike)):
@@ -94,7 +111,8 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
                 raise WeightImportError(f"{path}: reading .pth files needs PyTorch; install the [torch] extra "
                                         "or pass an .npz of the same keys") from None
             try:
-                raw = torch.load(path, map_location="cpu", weights_only=True)
+                with torch.serialization.safe_globals(_numpy_globals()):
+                    raw = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001 - torch raises many kinds; one line names the file
                 first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else ""
                 raise WeightImportError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
@@ -201,7 +219,7 @@ def run(fv) -> int:
 def main(argv=None) -> int:
     """``python -m hrdecoder_jax.convert --config CONFIG --torch_checkpoint FILE --workdir DIR``."""
     from hrdecoder_jax import cli
-    return cli.main("convert", __doc__, define_flags, run, argv, purpose="inference")
+    return cli.main("convert", __doc__, define_flags, run, argv, purpose="inference", tensorflow=False)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@ which restores an Orbax checkpoint written by training or by ``convert``::
     python -m hrdecoder_jax.evaluate --config configs/idrid.py --workdir runs/idrid \\
         [--checkpoint best|latest|STEP] [--split test] [--output DIR] [--config.eval.max_images=5]
 
-prints the per-lesion table and writes ``metrics.json``, ``per_image.csv`` and ``pr_curves.png`` into
-``--output`` (default ``WORKDIR/eval_<split>_<step>/``).
+prints the per-lesion table and writes ``metrics.json`` (which also records the step, checkpoint folder and
+workdir it scored), ``per_image.csv`` and ``pr_curves.png`` into ``--output`` (default
+``WORKDIR/eval_<split>_<step>/``). Each file is written under a temporary name and renamed when complete,
+after the table is printed: an interruption or a full disk never leaves a partial file, and the error
+names the file.
 """
 from __future__ import annotations
 
@@ -32,11 +35,13 @@ PR_COLOURS = {"EX": "#d4a800", "HE": "#d62728", "SE": "#17becf", "MA": "#2ca02c"
 # ----------------------------------------------------------------------------------------------------------
 
 
-def metrics_json(results: dict[str, Any]) -> dict[str, Any]:
-    """The JSON document of ``metrics.json``: per-lesion dicts, class means, PR curves, image count."""
+def metrics_json(results: dict[str, Any], scored: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON document of ``metrics.json``: what was scored (``scored``: e.g. step, checkpoint, workdir,
+    split), per-lesion dicts, class means, PR curves, image count."""
     from hrdecoder_jax.metrics import METRIC_NAMES
 
-    doc: dict[str, Any] = {"lesions": list(LESIONS), "num_images": int(results["num_images"])}
+    doc: dict[str, Any] = dict(scored or {})
+    doc.update({"lesions": list(LESIONS), "num_images": int(results["num_images"])})
     for name in METRIC_NAMES + ("AUPR_fine",):
         doc[name] = {lesion: float(v) for lesion, v in zip(LESIONS, results[name])}
         doc["m" + name] = float(results["m" + name])
@@ -51,7 +56,8 @@ def write_per_image_csv(results: dict[str, Any], path: str) -> None:
     per_image = results["per_image"]
     names = results.get("names") or [f"image_{i:04d}" for i in range(results["num_images"])]
     columns = [(m, c, lesion) for m in ("IoU", "F1", "MAE") for c, lesion in enumerate(LESIONS)]
-    with open(path, "w", newline="") as f:
+    from hrdecoder_jax.workdir import atomic_write
+    with atomic_write(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["name"] + [f"{m}_{lesion}" for m, _, lesion in columns])
         for i, name in enumerate(names):
@@ -88,15 +94,20 @@ def plot_pr_curves(results: dict[str, Any], path: str, *, title: str = "") -> No
     ax.set_title(title or f"Precision-recall, {results['num_images']} images", fontsize=10)
     ax.legend(loc="lower left", fontsize=8, title="line: 101 thresholds, dots: 11", title_fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    from hrdecoder_jax.workdir import atomic_write
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format=os.path.splitext(path)[1].lstrip(".") or "png")
 
 
-def write_outputs(results: dict[str, Any], out_dir: str, *, title: str = "") -> dict[str, str]:
-    """Write ``metrics.json``, ``per_image.csv`` and ``pr_curves.png`` into ``out_dir``; returns their paths."""
+def write_outputs(results: dict[str, Any], out_dir: str, *, title: str = "",
+                  scored: dict[str, Any] | None = None) -> dict[str, str]:
+    """Write ``metrics.json`` (with ``scored``, what was evaluated), ``per_image.csv`` and ``pr_curves.png``
+    into ``out_dir``, each complete or not at all (``workdir.atomic_write``); returns their paths."""
+    from hrdecoder_jax.workdir import atomic_write
     os.makedirs(out_dir, exist_ok=True)
     paths = {name: os.path.join(out_dir, name) for name in ("metrics.json", "per_image.csv", "pr_curves.png")}
-    with open(paths["metrics.json"], "w") as f:
-        json.dump(metrics_json(results), f, indent=2)
+    with atomic_write(paths["metrics.json"]) as f:
+        json.dump(metrics_json(results, scored), f, indent=2)
     write_per_image_csv(results, paths["per_image.csv"])
     plot_pr_curves(results, paths["pr_curves.png"], title=title)
     return paths
@@ -120,11 +131,12 @@ def define_flags(fv) -> None:
 
 
 def run(fv) -> int:
-    from hrdecoder_jax import checkpoint, cli
+    from hrdecoder_jax import checkpoint, cli, config_utils
     from hrdecoder_jax.data import open_split
     from hrdecoder_jax.metrics import format_table
 
     config = fv.config
+    config_utils.validate_config(config)
     split = fv.split or field(config.eval, "split", "test")
     which = cli.checkpoint_choice(fv.checkpoint)
     # Where the outputs go is checked before the model runs (the step is known only after restoring,
@@ -138,13 +150,21 @@ def run(fv) -> int:
     step = meta.get("step", 0)
     print(f"restored {fv.workdir} ({fv.checkpoint}, step {step})", file=sys.stderr, flush=True)
     dataset = open_split(config.data, split)
-    out_dir = cli.check_writable_dir(fv.output or os.path.join(workdir, f"eval_{split}_{step}"), "--output")
+    run_dir = workdir                       # a step's own folder as --workdir: its run's folder, not inside it
+    scored_dir = os.path.dirname(meta.get("checkpoint") or "")
+    if os.path.basename(scored_dir) in (checkpoint.LATEST_DIR, checkpoint.BEST_DIR) and \
+            os.path.abspath(workdir) == meta.get("checkpoint"):
+        run_dir = os.path.dirname(scored_dir)
+    out_dir = cli.check_writable_dir(fv.output or os.path.join(run_dir, f"eval_{split}_{step}"), "--output")
     results = evaluate(model, config, dataset=dataset, progress=fv.progress)
-    paths = write_outputs(results, out_dir, title=f"{config.data.name} {split}, step {step}, "
-                                                  f"{results['num_images']} images")
+    # The table first: whatever happens to the files, the result is on the screen.
     print(f"{config.data.name} {split} split, step {step}, {results['num_images']} images "
           f"({results['seconds']:.1f}s):")
-    print(format_table(results), end="")
+    print(format_table(results), end="", flush=True)
+    scored = {"step": step, "checkpoint": meta.get("checkpoint"), "workdir": os.path.abspath(workdir),
+              "which": fv.checkpoint, "split": split, "dataset": config.data.name}
+    paths = write_outputs(results, out_dir, title=f"{config.data.name} {split}, step {step}, "
+                                                  f"{results['num_images']} images", scored=scored)
     print(f"wrote {', '.join(paths.values())}", flush=True)
     return 0
 

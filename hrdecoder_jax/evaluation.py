@@ -109,7 +109,9 @@ def evaluate(model, config, *, split: str | None = None, max_images: int | None 
         if progress:
             print(f"[{i + 1}/{total_text}] {names[-1]} {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
     if not names:
-        raise ValueError("the evaluation split has no images")
+        from hrdecoder_jax.data.contract import DatasetError
+        raise DatasetError(f"the {split or 'given'} split of {field(config.data, 'name', 'the dataset')} has no images "
+                           "to evaluate")
     results = accumulator.compute()
     results["names"] = names
     results["pr_curve"] = accumulator.pr_curve("fine")

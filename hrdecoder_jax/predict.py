@@ -13,8 +13,14 @@ probabilities are resized back to the photo's size. Writes, per photo ``<stem>``
   MA green; a later lesion wins where several overlap) and a legend in the top-left corner;
 * ``<stem>_probs.npy`` (``--save_npy``): float32 ``[H, W, 4]`` probabilities in the order EX, HE, SE, MA.
 
-A file that cannot be read is reported on one line (``skipped FILE: reason``) and skipped; the exit
-status is non-zero only when no file could be processed.
+``<stem>`` is the file name without its extension, or with it (``a.jpg``) where two inputs share a stem
+(``a.jpg`` and ``a.png``), so no two inputs write the same file and no output overwrites an input. Every
+file is written under a temporary name and renamed when complete. ``predictions.json`` in the output folder
+lists what predict wrote there; a folder given as ``--input`` leaves those files out, so ``--output`` may
+be the input folder and a later run never predicts its own outputs.
+
+A file that cannot be read (a broken link included) is reported on one line (``skipped FILE: reason``) and
+skipped; the exit status is non-zero only when no file could be processed.
 """
 from __future__ import annotations
 
@@ -42,44 +48,27 @@ class UnreadableImageError(ValueError):
 
 
 def _to_uint8_rgb(array: np.ndarray) -> np.ndarray:
-    """``[H, W]``, ``[H, W, C]`` or ``[C, H, W]`` of any numeric dtype -> uint8 ``[H, W, 3]``."""
-    a = np.asarray(array)
-    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
-        a = np.moveaxis(a, 0, -1)  # planar TIFF
-    if a.ndim == 2:
-        a = a[..., None]
-    if a.ndim != 3 or a.shape[0] < 1 or a.shape[1] < 1:
-        raise ValueError(f"not an image array: shape {array.shape}")
-    if a.shape[-1] == 1:
-        a = np.repeat(a, 3, axis=-1)
-    elif a.shape[-1] == 2:  # grey + alpha
-        a = np.repeat(a[..., :1], 3, axis=-1)
-    a = a[..., :3]
-    if a.dtype == np.uint8:
-        return np.ascontiguousarray(a)
-    if a.dtype == np.bool_:
-        return a.astype(np.uint8) * 255
-    if np.issubdtype(a.dtype, np.integer):
-        top = 255 if a.max(initial=0) <= 255 else (4095 if a.max() <= 4095 else np.iinfo(a.dtype).max)
-        return np.clip(np.round(a.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
-    a = a.astype(np.float64)
-    scale = 255.0 if np.nanmax(a) <= 1.0 else 1.0
-    return np.clip(np.round(np.nan_to_num(a) * scale), 0, 255).astype(np.uint8)
+    """``[H, W]``, ``[H, W, C]`` or ``[C, H, W]`` of any numeric dtype -> uint8 ``[H, W, 3]``
+    (``data.manual.to_uint8_rgb``, which the dataset builders use too)."""
+    from hrdecoder_jax.data.manual import to_uint8_rgb
+    return to_uint8_rgb(array)
 
 
 def read_image(path: str) -> np.ndarray:
-    """The photo at ``path`` as uint8 RGB ``[H, W, 3]`` (PIL; tifffile for TIFFs PIL cannot read).
+    """The photo at ``path`` as uint8 RGB ``[H, W, 3]`` (PIL, decoded like the dataset builders decode
+    their images: ``data.manual.pil_to_rgb``; tifffile for TIFFs PIL cannot read).
 
     Raises ``UnreadableImageError`` naming the file."""
     from PIL import Image, ImageOps
 
+    from hrdecoder_jax.data.manual import pil_to_rgb
+
+    if os.path.islink(path) and not os.path.exists(path):
+        raise UnreadableImageError(f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist)")
     errors = []
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("RGB", "L", "RGBA", "P", "LA", "CMYK", "YCbCr", "1"):
-                return np.asarray(im.convert("RGB"))
-            return _to_uint8_rgb(np.asarray(im))  # 16-bit / float greyscale
+            return pil_to_rgb(ImageOps.exif_transpose(im))
     except Exception as e:  # noqa: BLE001 - any decoder failure means: try the next reader, then report
         errors.append(f"{type(e).__name__}: {e}")
     if path.lower().endswith((".tif", ".tiff")):
@@ -92,15 +81,62 @@ def read_image(path: str) -> np.ndarray:
     raise UnreadableImageError(f"{path}: not a readable image ({'; '.join(errors)})")
 
 
+MANIFEST = "predictions.json"   # in an output folder: the files predict wrote there, and from which input
+
+
+def recorded_outputs(folder: str) -> dict[str, str]:
+    """``{output file name: input path}`` of what predict wrote into ``folder`` (its ``predictions.json``)."""
+    import json
+    try:
+        with open(os.path.join(os.path.expanduser(folder), MANIFEST)) as f:
+            outputs = json.load(f).get("outputs", {})
+        return {str(k): str(v) for k, v in outputs.items()} if isinstance(outputs, dict) else {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
 def list_inputs(path: str) -> list[str]:
-    """``path`` itself if it is a file, else the image files (by extension) directly in the folder, sorted."""
+    """``path`` itself if it is a file, else the image files (by extension) directly in the folder, sorted,
+    less the outputs an earlier predict wrote there (``recorded_outputs``). A broken link is listed (its read
+    reports it)."""
     path = os.path.expanduser(path)
     if os.path.isdir(path):
+        outputs = recorded_outputs(path)
         return sorted(os.path.join(path, n) for n in os.listdir(path)
-                      if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, n)))
-    if os.path.exists(path):
+                      if n.lower().endswith(IMAGE_EXTENSIONS) and n not in outputs
+                      and not os.path.isdir(os.path.join(path, n)))
+    if os.path.exists(path) or os.path.islink(path):
         return [path]
     raise FileNotFoundError(f"{path}: no such file or folder")
+
+
+def output_stems(paths: list[str]) -> dict[str, str]:
+    """The ``<stem>`` of each input's outputs: its file name without the extension, or with it where two
+    inputs share a stem (compared without case, as on a case-insensitive file system); what still meets
+    another gets ``-2``, ``-3``, ..."""
+    from collections import Counter
+
+    base = {p: os.path.splitext(os.path.basename(p))[0] for p in paths}
+    shared = Counter(b.lower() for b in base.values())
+    stems, taken = {}, set()
+    for p in paths:
+        stem = base[p] if shared[base[p].lower()] == 1 else os.path.basename(p)
+        candidate, n = stem, 1
+        while candidate.lower() in taken:
+            n += 1
+            candidate = f"{stem}-{n}"
+        taken.add(candidate.lower())
+        stems[p] = candidate
+    return stems
+
+
+def output_names(stem: str, save_npy: bool = False) -> dict[str, str]:
+    """``{kind: file name}`` of the outputs of one input (kinds EX, HE, SE, MA, overlay, probs)."""
+    names = {lesion: f"{stem}_{lesion}.png" for lesion in LESIONS}
+    names["overlay"] = f"{stem}_overlay.png"
+    if save_npy:
+        names["probs"] = f"{stem}_probs.npy"
+    return names
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -181,44 +217,51 @@ def overlay(image: np.ndarray, probs: np.ndarray, *, threshold: float = THRESHOL
 # ----------------------------------------------------------------------------------------------------------
 
 
-def predict_file(model_forward: Callable, path: str, config, out_dir: str, save_npy: bool = False) -> dict[str, str]:
+def predict_file(model_forward: Callable, path: str, config, out_dir: str, save_npy: bool = False,
+                 stem: str | None = None) -> dict[str, str]:
     """Predict one photo and write its outputs into ``out_dir``; returns ``{kind: path}`` of what was written
-    (kinds ``EX, HE, SE, MA, overlay`` and ``probs`` with ``save_npy``).
+    (kinds ``EX, HE, SE, MA, overlay`` and ``probs`` with ``save_npy``). ``stem``: of the output names
+    (default: the file name without its extension). Each file is complete or absent
+    (``workdir.atomic_write``).
 
     ``model_forward``: ``inference.make_forward(model)`` (or any ``images -> logits`` function).
     Raises ``UnreadableImageError`` for a file that is not a readable image.
     """
     from PIL import Image
 
+    from hrdecoder_jax.workdir import atomic_write
+
     image = read_image(path)
     probs = predict_probabilities(model_forward, image, config)
     os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.splitext(os.path.basename(path))[0]
-    written = {}
+    stem = stem or os.path.splitext(os.path.basename(path))[0]
+    written = {kind: os.path.join(out_dir, name) for kind, name in output_names(stem, save_npy).items()}
     for c, lesion in enumerate(LESIONS):
-        written[lesion] = os.path.join(out_dir, f"{stem}_{lesion}.png")
         grey = np.round(255.0 * np.clip(probs[..., c], 0.0, 1.0)).astype(np.uint8)
-        Image.fromarray(grey).save(written[lesion])
-    written["overlay"] = os.path.join(out_dir, f"{stem}_overlay.png")
-    Image.fromarray(overlay(image, probs)).save(written["overlay"])
+        with atomic_write(written[lesion], "wb") as f:
+            Image.fromarray(grey).save(f, format="PNG")
+    with atomic_write(written["overlay"], "wb") as f:
+        Image.fromarray(overlay(image, probs)).save(f, format="PNG")
     if save_npy:
-        written["probs"] = os.path.join(out_dir, f"{stem}_probs.npy")
-        np.save(written["probs"], probs.astype(np.float32))
+        with atomic_write(written["probs"], "wb") as f:
+            np.save(f, probs.astype(np.float32))
     return written
 
 
 def predict_paths(model_forward: Callable, paths: list[str], config, out_dir: str, *, save_npy: bool = False,
                   log=None) -> tuple[list[str], list[str]]:
-    """``predict_file`` on each path; unreadable files are reported through ``log`` and skipped (an error
-    writing the outputs stops). Returns ``(done, skipped)`` paths."""
+    """``predict_file`` on each path, with the output stems of ``output_stems`` (inputs that share a stem
+    keep their extension); unreadable files are reported through ``log`` and skipped (an error writing the
+    outputs stops). Returns ``(done, skipped)`` paths."""
     import time
 
     log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    stems = output_stems(paths)
     done, skipped = [], []
     for i, path in enumerate(paths):
         t0 = time.perf_counter()
         try:
-            predict_file(model_forward, path, config, out_dir, save_npy=save_npy)
+            predict_file(model_forward, path, config, out_dir, save_npy=save_npy, stem=stems[path])
         except UnreadableImageError as e:     # writing errors are not the input's fault: they stop the run
             log(f"skipped {path}: {e}")
             skipped.append(path)
@@ -226,6 +269,22 @@ def predict_paths(model_forward: Callable, paths: list[str], config, out_dir: st
         done.append(path)
         log(f"[{i + 1}/{len(paths)}] {path} {time.perf_counter() - t0:.1f}s")
     return done, skipped
+
+
+def _record_outputs(out_dir: str, paths: list[str], stems: dict[str, str], save_npy: bool, source: str) -> None:
+    """Add this run's outputs to ``out_dir/predictions.json`` (before they are written: a run stopped midway
+    leaves no output that a later run could take for a photo)."""
+    import json
+
+    from hrdecoder_jax.workdir import write_file
+
+    outputs = recorded_outputs(out_dir)
+    for path in paths:
+        for name in output_names(stems[path], save_npy).values():
+            outputs[name] = os.path.abspath(path)
+    doc = {"what": "files written by python -m hrdecoder_jax.predict (a folder given as --input leaves them out)",
+           "checkpoint": source, "outputs": dict(sorted(outputs.items()))}
+    write_file(os.path.join(out_dir, MANIFEST), json.dumps(doc, indent=1) + "\n")
 
 
 def define_flags(fv) -> None:
@@ -240,16 +299,51 @@ def define_flags(fv) -> None:
     flags.mark_flags_as_required(["workdir", "input", "output"], flag_values=fv)
 
 
+def _photos(path: str) -> list[str]:
+    """The photos ``--input`` names (``list_inputs``), saying which earlier outputs were left out; an earlier
+    output named on its own is refused."""
+    from hrdecoder_jax import cli
+
+    paths = list_inputs(path)
+    if os.path.isdir(os.path.expanduser(path)):
+        recorded = recorded_outputs(path)
+        left_out = [n for n in os.listdir(os.path.expanduser(path)) if n in recorded]
+        if left_out:
+            print(f"left out {len(left_out)} output file(s) of an earlier predict in {path} (listed in its "
+                  f"{MANIFEST})", file=sys.stderr, flush=True)
+    elif os.path.basename(paths[0]) in recorded_outputs(os.path.dirname(os.path.abspath(paths[0]))):
+        raise cli.CommandError(f"{path} is an output of an earlier predict (listed in {MANIFEST} beside it), "
+                               "not a photo")
+    if not paths:
+        raise cli.CommandError(f"no JPEG/PNG/TIFF files in {path}")
+    return paths
+
+
+def _check_no_input_overwritten(paths: list[str], stems: dict[str, str], out_dir: str, save_npy: bool) -> None:
+    """Refuse, before any work, an output name that is one of the inputs (``--output`` = the input folder)."""
+    from hrdecoder_jax import cli
+
+    inputs = {os.path.realpath(p): p for p in paths}
+    for path in paths:
+        for name in output_names(stems[path], save_npy).values():
+            hit = inputs.get(os.path.realpath(os.path.join(out_dir, name)))
+            if hit is not None:
+                raise cli.CommandError(f"the output {name} of {path} would overwrite the input {hit}; choose "
+                                       "another --output")
+
+
 def run(fv) -> int:
-    from hrdecoder_jax import checkpoint, cli
+    from hrdecoder_jax import checkpoint, cli, config_utils
     from hrdecoder_jax.inference import make_forward
 
-    paths = list_inputs(fv.input)
-    if not paths:
-        raise cli.CommandError(f"no JPEG/PNG/TIFF files in {fv.input}")
+    config_utils.validate_config(fv.config)
+    paths = _photos(fv.input)
     out_dir = cli.check_writable_dir(fv.output, "--output")        # before any model runs
+    stems = output_stems(paths)
+    _check_no_input_overwritten(paths, stems, out_dir, fv.save_npy)
     model, meta = checkpoint.restore_for_inference(fv.config, fv.workdir, cli.checkpoint_choice(fv.checkpoint))
     print(f"restored {fv.workdir} ({fv.checkpoint}, step {meta.get('step')})", file=sys.stderr, flush=True)
+    _record_outputs(out_dir, paths, stems, fv.save_npy, meta.get("checkpoint") or fv.workdir)
     done, skipped = predict_paths(make_forward(model), paths, fv.config, out_dir, save_npy=fv.save_npy)
     print(f"wrote predictions of {len(done)} file(s) to {fv.output}"
           + (f"; skipped {len(skipped)} unreadable" if skipped else ""), flush=True)

@@ -20,6 +20,9 @@ plugin is installed):
 Compilation cache: compiled programs are kept in ``$HRDECODER_JAX_CACHE`` (default
 ``~/.cache/hrdecoder_jax/xla``; ``off`` disables), so a resumed run or a second evaluation does not
 compile again.
+
+Platforms: ``platform_problem`` turns a backend that ``JAX_PLATFORMS`` asks for but JAX cannot start (e.g.
+``cuda`` without a GPU, where JAX raises a bare ``AssertionError``) into one sentence saying how to fix it.
 """
 from __future__ import annotations
 
@@ -108,9 +111,11 @@ def cache_dir() -> str | None:
     return os.path.abspath(os.path.expanduser(value))
 
 
-def configure(purpose: str = "train") -> None:
+def configure(purpose: str = "train", *, tensorflow: bool = True, quiet: bool = True) -> None:
     """Set XLA's CPU options for ``purpose`` ('train' or 'inference'), turn on the compilation cache, hide
-    the GPUs from TensorFlow. The convolution backend follows ``HRDECODER_JAX_CONV`` (``ops/conv.py``)."""
+    the GPUs from TensorFlow (``tensorflow=False``: a command that never uses TensorFlow does not import it;
+    ``quiet``: without TensorFlow's start-up banner). The CPU kernels follow ``HRDECODER_JAX_CPU_KERNELS``
+    (``ops/library.py``)."""
     apply_xla_cpu_flags(purpose)
     import jax
 
@@ -122,22 +127,62 @@ def configure(purpose: str = "train") -> None:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
         except OSError as e:   # a read-only home: run without the cache rather than fail
             _log.warning("compilation cache %s unavailable (%s); compiling every run", directory, e.strerror)
-    hide_gpus_from_tensorflow()
+    if tensorflow:
+        hide_gpus_from_tensorflow(quiet=quiet)
 
 
-def hide_gpus_from_tensorflow() -> None:
+def _import_tensorflow(quiet: bool):
+    """``import tensorflow``; ``quiet``: with the process's stderr closed meanwhile, where TensorFlow's native
+    libraries print their start-up banner (an absl notice and the oneDNN line, once per library) whatever
+    ``TF_CPP_MIN_LOG_LEVEL`` says. A failed import still raises (its error is a Python exception)."""
+    if not quiet or "tensorflow" in sys.modules:
+        import tensorflow as tf
+        return tf
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            import tensorflow as tf
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    return tf
+
+
+def hide_gpus_from_tensorflow(quiet: bool = True) -> None:
     """tf.data runs on the CPU; TensorFlow must never take accelerator memory from JAX. Without TensorFlow
-    (or where it cannot be imported) there is nothing to hide, and without an accelerator plugin for JAX
-    there is nothing to keep TensorFlow from (TensorFlow is then not imported here: it costs seconds)."""
-    if "tensorflow" not in sys.modules and not _accelerator_plugin_installed():
-        return
+    (or where it cannot be imported) there is nothing to hide."""
     try:
         if importlib.util.find_spec("tensorflow") is None:
             return
     except (ImportError, ValueError):
         return
-    import tensorflow as tf
+    tf = _import_tensorflow(quiet)
     try:
         tf.config.set_visible_devices([], "GPU")
     except RuntimeError:   # TensorFlow's devices are already initialised: nothing to change any more
         pass
+
+
+def platform_problem() -> str | None:
+    """Why JAX cannot start the backend ``JAX_PLATFORMS`` names, as one sentence with the fix; None when it
+    starts (or no platform is forced). Call after an error: it starts the backend if nothing had."""
+    wanted = os.environ.get("JAX_PLATFORMS", "").strip()
+    if not wanted:
+        return None
+    import jax
+    try:
+        jax.devices()
+        return None
+    except Exception as e:  # noqa: BLE001 - JAX raises AssertionError or RuntimeError here
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    platforms = [p.strip().lower() for p in wanted.split(",") if p.strip()]
+    if any(p in ("cuda", "gpu") for p in platforms):
+        plugin = any(importlib.util.find_spec(n) is not None for n in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+        why = ("the CUDA plugin is installed but finds no usable GPU (driver, CUDA_VISIBLE_DEVICES?)" if plugin
+               else "JAX's CUDA plugin is not installed")
+        return (f"JAX_PLATFORMS={wanted} but CUDA is not available: {why}; on a machine with an NVIDIA GPU "
+                'install the cuda12 extra (pip install -e ".[cuda12]"), or unset JAX_PLATFORMS to run on the CPU')
+    return (f"JAX_PLATFORMS={wanted}: JAX cannot start that backend ({reason}); unset JAX_PLATFORMS to let JAX "
+            "choose, or install the backend's plugin")

@@ -47,17 +47,25 @@ def _now() -> float:
 
 
 class MetricsLog:
-    """JSON-lines metrics file plus TensorBoard event files (process 0 only)."""
+    """JSON-lines metrics file plus TensorBoard event files (process 0 only).
 
-    def __init__(self, workdir: str, enabled: bool):
+    A line torn by a kill or a full disk (only the last one can be: the file is only appended to) is cut
+    off with a notice before the run appends, so every line of the file stays one JSON document."""
+
+    def __init__(self, workdir: str, enabled: bool, say=print):
         self.enabled = enabled
         self.writer = None
         self.file = None
+        path = None
         if not enabled and jax.process_count() > 1:
             # Other processes keep a private log of the (replicated) values, so runs can be compared.
-            self.file = open(os.path.join(workdir, f"metrics.process{jax.process_index()}.jsonl"), "a")
+            path = os.path.join(workdir, f"metrics.process{jax.process_index()}.jsonl")
         if enabled:
-            self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            path = os.path.join(workdir, "metrics.jsonl")
+        if path is not None:
+            _cut_torn_line(path, say)
+            self.file = open(path, "a")
+        if enabled:
             try:
                 from clu import metric_writers
                 self.writer = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"),
@@ -81,6 +89,47 @@ class MetricsLog:
             self.writer.flush()
             self.writer.close()
             self.writer = None
+
+
+def _cut_torn_line(path: str, say) -> None:
+    """Cut ``path`` back to its last complete line (one that ends in a newline), saying what was dropped."""
+    try:
+        f = open(path, "rb+")
+    except FileNotFoundError:
+        return
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        keep, end = 0, size
+        while end > 0:                   # back to the last newline (0 when the file has none)
+            start = max(0, end - 4096)
+            f.seek(start)
+            cut = f.read(end - start).rfind(b"\n")
+            if cut >= 0:
+                keep = start + cut + 1
+                break
+            end = start
+        f.truncate(keep)
+    say(f"[log] {path}: dropped its torn last line ({size - keep} bytes, left by an interrupted write)")
+
+
+def read_metrics_log(path: str) -> list[dict]:
+    """The records of a ``metrics.jsonl`` (a line that is not one JSON document is skipped)."""
+    rows = []
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+    except FileNotFoundError:
+        pass
+    return rows
 
 
 def format_train_line(done: int, total: int, values: dict[str, float], rate: float, eta_s: float) -> str:
@@ -107,18 +156,28 @@ class Start:
     step: int
     best_miou: float
     origin: str
+    resumed_from: str | None = None      # the workdir whose checkpoint this run continues
 
 
-def _restore_latest(model, tx, source: checkpoint.Checkpointer, say) -> tuple[dict, int] | None:
-    """The newest intact training checkpoint of ``source`` (a corrupt one is moved to ``corrupt/`` with a
-    notice and the previous one tried), or None when there is none."""
+def _restore_latest(model, tx, source: checkpoint.Checkpointer, say, model_config=None) -> tuple[dict, int] | None:
+    """The newest intact training checkpoint of ``source``, or None when there is none. A corrupt step (a
+    digest that differs, a file that cannot be read) is moved to ``corrupt/`` with a notice and the previous
+    one tried, but never the last one left: the run then stops, and the next one finds the step where it
+    was instead of starting from scratch. A checkpoint that does not fit (another model config, shapes or
+    optimizer: ``CheckpointMismatchError``) is an error and moves nothing."""
     target = checkpoint.model_state(model)
     _, params, _ = split_for_training(model)
     opt_target = tx.init(params)
-    for step in source.steps():
+    steps = source.steps()
+    for i, step in enumerate(steps):
         try:
-            return source.restore(step, model_target=target, opt_state_target=opt_target), step
+            return source.restore(step, model_target=target, opt_state_target=opt_target,
+                                  model_config=model_config), step
         except checkpoint.CheckpointCorruptError as e:
+            if i == len(steps) - 1:
+                raise checkpoint.CheckpointCorruptError(
+                    f"{e}; it is the last checkpoint left, so it stays where it is and nothing is trained: "
+                    f"restore its files, or move {source.workdir} away to start again") from None
             say(f"[resume] {e}; falling back to the previous checkpoint")
             if jax.process_index() == 0:
                 corrupt = os.path.join(source.workdir, "corrupt", str(step))
@@ -139,13 +198,26 @@ def initial_state(model, tx, config, workdir: str, ckpt: checkpoint.Checkpointer
             raise config_utils.ConfigError(f"config.resume_from={config.resume_from}: no '{checkpoint.LATEST_DIR}' "
                                            "folder of a training run there; point it at the workdir of the run")
         sources.append(("resume_from", checkpoint.Checkpointer(src, keep_best=False)))
-    had_checkpoints = bool(ckpt.steps())
     for kind, source in sources:
-        found = _restore_latest(model, tx, source, say)
+        try:
+            found = _restore_latest(model, tx, source, say, config.model)
+        except checkpoint.CheckpointMismatchError as e:
+            run = os.path.expanduser(workdir if kind == "workdir" else config.resume_from)
+            first = os.path.join(run, "config.json")
+            changed = ""
+            if "optimizer state" in str(e) and os.path.exists(first):   # the model is named already
+                try:
+                    with open(first) as f:
+                        diff = [d for d in config_utils.changes(config_utils.flatten(json.load(f)),
+                                                                config_utils.flatten(config))
+                                if d.startswith("optimizer.")]
+                    changed = f"; this config changes {', '.join(diff)}" if diff else ""
+                except (OSError, ValueError):
+                    pass
+            raise checkpoint.CheckpointMismatchError(
+                f"{str(e).removesuffix(checkpoint.USE_ITS_CONFIG)}{changed}; resume with the config of that run "
+                f"({first} records it) or choose another --workdir") from None
         if found is None:
-            if kind == "workdir" and had_checkpoints:
-                raise checkpoint.CheckpointError(f"{workdir}: no intact checkpoint left (every one was corrupt); "
-                                                 "move the workdir away to start again")
             if kind == "resume_from":
                 raise checkpoint.CheckpointError(f"config.resume_from={config.resume_from}: no intact checkpoint")
             continue
@@ -156,15 +228,16 @@ def initial_state(model, tx, config, workdir: str, ckpt: checkpoint.Checkpointer
         origin = (f"resuming from {workdir} step {step}" if kind == "workdir"
                   else f"resuming from {config.resume_from} step {step}")
         return Start(structure, params, rest, restored["opt_state"], int(meta["step"]),
-                     float(meta.get("best_miou", -1.0)), origin)
+                     float(meta.get("best_miou", -1.0)), origin,
+                     workdir if kind == "workdir" else os.path.expanduser(config.resume_from))
     origin = "random init"
     if config.init_from:
         src = os.path.expanduser(config.init_from)
         if os.path.isdir(src):
             try:
-                meta = checkpoint.restore_model(src, model)
+                meta = checkpoint.restore_model(src, model, model_config=config.model)
             except checkpoint.CheckpointError as e:
-                raise checkpoint.CheckpointError(f"config.init_from: {e}") from None
+                raise type(e)(f"config.init_from: {e}") from None
             origin = f"initialised from Orbax checkpoint {src} (step {meta.get('step')})"
         else:
             from hrdecoder_jax.convert import WeightImportError, load_torch_weights
@@ -232,6 +305,7 @@ class _Run:
                  mesh, val_ds, say):
         self.config, self.workdir, self.ckpt, self.log, self.val_ds, self.say = config, workdir, ckpt, log, val_ds, say
         self.structure, self.best_miou = start.structure, start.best_miou
+        self.fingerprint: str | None = None    # of the training data (data.data_fingerprint): keys a file cache
         self.params, self.rest, self.opt_state = jax.device_put((start.params, start.rest, start.opt_state),
                                                                 NamedSharding(mesh, P()))
 
@@ -241,7 +315,7 @@ class _Run:
         return m
 
     def save(self, step: int, force: bool = False) -> None:
-        meta = {"step": step, "best_miou": self.best_miou, "model_type": self.config.model.type}
+        meta = {"step": step, "best_miou": self.best_miou, **checkpoint.model_meta(self.config.model)}
         self.ckpt.save(step, model=checkpoint.model_state(self.model()), opt_state=self.opt_state, meta=meta,
                        force=force)
 
@@ -256,19 +330,16 @@ class _Run:
         if values["mIoU"] > self.best_miou:
             self.best_miou = values["mIoU"]
             self.ckpt.save_best(step, model=checkpoint.model_state(m),
-                                meta={"step": step, "mIoU": self.best_miou, "model_type": self.config.model.type})
+                                meta={"step": step, "mIoU": self.best_miou, **checkpoint.model_meta(self.config.model)})
 
     def validated(self, step: int) -> bool:
         """Whether the metrics log holds a validation of ``step`` (a finished run's last one)."""
-        path = os.path.join(self.workdir, "metrics.jsonl")
-        if not os.path.exists(path):
-            return False
-        with open(path) as f:
-            return any('"kind": "val"' in line and json.loads(line).get("step") == step for line in f)
+        return any(row.get("kind") == "val" and row.get("step") == step
+                   for row in read_metrics_log(os.path.join(self.workdir, "metrics.jsonl")))
 
 
 def _train(config, workdir: str, *, final_eval: bool, stop_after: int | None) -> dict:
-    from hrdecoder_jax.data import open_split, pipeline
+    from hrdecoder_jax.data import data_fingerprint, open_split, pipeline
 
     is_main = jax.process_index() == 0
     say = (lambda line: print(line, flush=True)) if is_main else (lambda line: None)
@@ -276,15 +347,19 @@ def _train(config, workdir: str, *, final_eval: bool, stop_after: int | None) ->
     if config.global_batch_size % n_dev:
         raise config_utils.ConfigError(
             f"global_batch_size={config.global_batch_size} does not divide over {n_dev} devices")
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
     logging.info("process %d/%d, %d devices (%s)", jax.process_index(), jax.process_count(), n_dev,
                  jax.devices()[0].platform)
     mesh = make_mesh()
 
     # Data: the training split (less the held-out validation images), or the reference's test validation.
+    # In a multi-process run process 0 prepares the dataset first while the others wait (all of them at once
+    # raced on the same folder); a host whose data_dir is its own then prepares its copy, under the lock.
+    if jax.process_count() > 1:
+        if is_main:
+            data_fingerprint(config.data)
+        _wait_for_all("hrdecoder_jax.train:data")
     train_ds, val_ds = pipeline.split_train_val(open_split(config.data, "train"), config.data, test_ds=None)
+    fingerprint = f"{data_fingerprint(config.data)} split train"    # keys a file cache (data.cache) by its data
     if config.data.validate_on == "test":
         val_ds = open_split(config.data, config.eval.split)
 
@@ -295,14 +370,18 @@ def _train(config, workdir: str, *, final_eval: bool, stop_after: int | None) ->
     ckpt = checkpoint.Checkpointer(workdir, keep_best=config.keep_best)
     start = initial_state(model, tx, config, workdir, ckpt, say)
     say(f"[init] {start.origin}")
-    log = MetricsLog(workdir, is_main)
+    if is_main:
+        _record_config(config, workdir, start.resumed_from, say)
+    log = MetricsLog(workdir, is_main, say)
     run = _Run(config, workdir, start, ckpt, log, mesh, val_ds, say)
+    run.fingerprint = fingerprint
     result: dict = {"train": {}, "steps": config.total_steps, "seconds": 0.0}
     try:
         if start.step >= config.total_steps:
-            say(f"[done] the run in {workdir} already finished step {config.total_steps}; not training again")
-            if config.eval_every and not run.validated(config.total_steps):
-                run.validate(config.total_steps)        # it was stopped between its last save and validation
+            past = f" (past total_steps={config.total_steps})" if start.step > config.total_steps else ""
+            say(f"[done] the run in {workdir} already finished step {start.step}{past}; not training again")
+            if config.eval_every and not run.validated(start.step):
+                run.validate(start.step)        # it was stopped between its last save and validation
         else:
             result = _loop(run, tx, mesh, train_ds, start.step, stop_after)
             if result.get("stopped"):
@@ -312,29 +391,72 @@ def _train(config, workdir: str, *, final_eval: bool, stop_after: int | None) ->
         ckpt.wait()
         log.close()
     if final_eval:
-        result["test"] = _final_evaluation(run, finished_before=start.step >= config.total_steps)
+        finished_before = start.step >= config.total_steps
+        result["test"] = _final_evaluation(run, finished_before=finished_before,
+                                           step=start.step if finished_before else config.total_steps)
     ckpt.close()
     return result
 
 
-def _final_evaluation(run: _Run, *, finished_before: bool) -> dict:
-    """The test metrics of the final model: computed once and stored in ``metrics_<split>.json``; a re-run
-    of a finished run prints the stored ones."""
+def _record_config(config, workdir: str, resumed_from: str | None, say) -> None:
+    """``config.json`` of the run: written by the run that starts it and kept by every resume, which says
+    what it changed (``[resume] changed: total_steps 300 -> 800, ...``); a run that continues another
+    workdir's (``resume_from``) compares with that run's ``config.json``."""
+    path = os.path.join(workdir, "config.json")
+    first = os.path.join(resumed_from, "config.json") if resumed_from else None
+    if first and os.path.exists(first):
+        try:
+            with open(first) as f:
+                before = json.load(f)
+        except (OSError, ValueError) as e:
+            say(f"[resume] {first} cannot be read ({e}); not comparing the configs")
+            before = None
+        if before is not None:
+            diff = config_utils.changes(config_utils.flatten(before), config_utils.flatten(config))
+            if diff:
+                say(f"[resume] changed: {', '.join(diff)}"
+                    + (f" (the first config stays in {path})" if first == path else f" (since {first})"))
+        if first == path:
+            return
+    from hrdecoder_jax.workdir import write_file
+    write_file(path, config.to_json_best_effort(indent=2))
+
+
+def _wait_for_all(name: str) -> None:
+    """A barrier of every process that may wait as long as process 0's data preparation takes: the
+    coordination service's (hours), not a device collective."""
+    try:
+        from jax._src.distributed import global_state
+        client = global_state.client
+    except (ImportError, AttributeError):   # another JAX version
+        client = None
+    if client is not None and hasattr(client, "wait_at_barrier"):
+        client.wait_at_barrier(name, 24 * 3600 * 1000)
+    else:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def _final_evaluation(run: _Run, *, finished_before: bool, step: int) -> dict:
+    """The test metrics of the final model (of ``step``): computed once and stored in
+    ``metrics_<split>.json``; a re-run of a finished run prints the stored ones."""
     from hrdecoder_jax.evaluation import evaluate, jsonable
     from hrdecoder_jax.metrics import format_table
+    from hrdecoder_jax.workdir import atomic_write
 
     config = run.config
     path = os.path.join(run.workdir, f"metrics_{config.eval.split}.json")
     if finished_before and os.path.exists(path):
         res = _read_results(path)
-        run.say(f"\nTest metrics ({config.eval.split} split, step {config.total_steps}; stored in {path}):")
+        run.say(f"\nTest metrics ({config.eval.split} split, step {step}; stored in {path}):")
     else:
         res = evaluate(run.model(), config, split=config.eval.split, max_images=config.eval.max_images)
+        run.say(f"\nTest metrics ({config.eval.split} split, step {step}):")
+        run.say(format_table(res).rstrip("\n"))
         if jax.process_index() == 0:
-            with open(path + ".tmp", "w") as f:
+            with atomic_write(path) as f:                # never a half-written results file
                 json.dump(jsonable(res), f, indent=2)
-            os.replace(path + ".tmp", path)            # never a half-written results file
-        run.say(f"\nTest metrics ({config.eval.split} split, step {config.total_steps}):")
+        return res
     run.say(format_table(res).rstrip("\n"))
     return res
 
@@ -367,18 +489,26 @@ def _loop(run: _Run, tx, mesh, train_ds, start_step: int, stop_after: int | None
                                               finish=on_device.make_finish(config.data)), mesh)
     batches = pipeline.make_train_dataset(
         train_ds, config.data, global_batch_size=config.global_batch_size, seed=config.seed,
-        start_step=start_step, process_index=jax.process_index(), process_count=jax.process_count(), raw=True)
+        start_step=start_step, process_index=jax.process_index(), process_count=jax.process_count(), raw=True,
+        fingerprint=run.fingerprint)
     schedule = learning_rate_schedule(config.optimizer, config.total_steps)
     last: dict = {}
     t0 = t_log = time.perf_counter()
     steps_since = 0
+    step_fn = jit_step
     with _StopSignals() as stop:
         for step in range(start_step, config.total_steps):
             batch = next(batches)
             images = {k: jax.make_array_from_process_local_data(data_sharding, batch[k]) for k in ("image", "valid")}
             labels = jax.make_array_from_process_local_data(data_sharding, batch["packed"])
-            run.params, run.rest, run.opt_state, metrics = jit_step(run.params, run.rest, run.opt_state,
-                                                                    jnp.int32(step), images, labels)
+            if step == start_step and jax.process_count() > 1:
+                # Compile first, then meet, then run: the CPU collectives (gloo) give the peers of a new context
+                # only 30 s to arrive, and two processes' compile times differ by more on a busy host.
+                step_fn = jit_step.lower(run.params, run.rest, run.opt_state, jnp.int32(step), images,
+                                         labels).compile()
+                _wait_for_all("hrdecoder_jax.train:compiled")
+            run.params, run.rest, run.opt_state, metrics = step_fn(run.params, run.rest, run.opt_state,
+                                                                   jnp.int32(step), images, labels)
             total, grad_norm = (float(v) for v in jax.device_get((metrics["total"], metrics["grad_norm"])))
             if not (math.isfinite(total) and math.isfinite(grad_norm)):
                 raise FloatingPointError(f"loss {total}, gradient norm {grad_norm} at step {step + 1}; stopping. "

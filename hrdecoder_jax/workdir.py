@@ -1,4 +1,5 @@
-"""A run's workdir: checked writable before work starts, and locked so that two runs never share it.
+"""A run's workdir: checked writable before work starts, locked so that two runs never share it, and the one
+way every command writes an output file (``atomic_write``: a temporary name, renamed when complete).
 
 The lock is ``WORKDIR/.lock``: an advisory ``flock`` held for the life of the run (the kernel drops it when
 the process dies, however it dies) plus a JSON line naming the holder (host, pid, command, start time).
@@ -9,6 +10,7 @@ cluster file systems (on NFS it needs lockd).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import fcntl
@@ -19,6 +21,8 @@ import sys
 import tempfile
 
 LOCK_NAME = ".lock"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)               # read once: the permissions a plain open() would give a new file
 
 
 class WorkdirError(RuntimeError):
@@ -31,6 +35,43 @@ def probe_writable(path: str) -> None:
     os.makedirs(path, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test.", delete=True) as f:
         f.write(b"ok")
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "w", **open_kwargs):
+    """``with atomic_write(path) as f:`` writes ``path`` through a temporary file beside it (``.NAME.*.tmp``),
+    synced and renamed over ``path`` only when the block ends without an error. A kill, a full disk or an
+    exception never leaves a partial file under the final name: the previous version stays until the new
+    one is whole, and the temporary file is removed. An ``OSError`` names ``path`` (a full disk reads
+    'disk full ...: PATH')."""
+    path = os.path.abspath(os.fspath(path))
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)              # mkstemp makes it 0600
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise OSError(e.errno, e.strerror or str(e), path) from e
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def write_file(path, data) -> None:
+    """Write ``data`` (``str`` or ``bytes``) to ``path`` with ``atomic_write``."""
+    with atomic_write(path, "wb" if isinstance(data, (bytes, bytearray)) else "w") as f:
+        f.write(data)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def check_writable(workdir: str) -> str:

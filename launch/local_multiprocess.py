@@ -21,13 +21,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_processes", type=int, default=2)
     parser.add_argument("--devices_per_process", type=int, default=2)
     parser.add_argument("--port", type=int, default=0, help="coordinator port (default: a free one)")
     parser.add_argument("train_args", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     train_args = [a for a in args.train_args if a != "--"]
     address = f"127.0.0.1:{args.port or free_port()}"
     env = dict(os.environ, JAX_PLATFORMS="cpu")

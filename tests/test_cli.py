@@ -27,9 +27,10 @@ def test_help_lists_the_flags(name, capsys):
     assert len(flags_of) >= 2
 
 
-def documented_commands():
-    """Every ``python -m hrdecoder_jax...`` command in the README and docs/, with line continuations
-    joined and the placeholders made concrete: ``[--x a|b]`` -> ``--x a``, ``a|b`` -> ``a``, ``...`` dropped."""
+def documented_commands(prefixes=("python -m hrdecoder_jax",)):
+    """Every command starting with one of ``prefixes`` in the code blocks of the README and docs/, with line
+    continuations joined and the placeholders made concrete: ``[--x a|b]`` -> ``--x a``, ``a|b`` -> ``a``,
+    ``...`` dropped."""
     found = []
     for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
         in_block, lines = False, []
@@ -39,13 +40,20 @@ def documented_commands():
             elif in_block:
                 lines.append(line.strip())
         for line in lines:
-            if line.startswith("python -m hrdecoder_jax"):
+            if line.startswith(prefixes):
                 line = line.split("  #")[0]
                 line = re.sub(r"\[([^\]]*)\]", r"\1", line)          # optional parts: check them too
                 line = re.sub(r"(\S+?)\|\S+", r"\1", line)           # alternatives: the first
                 line = line.replace("...", "").strip()
                 found.append((doc.name, line))
     return found
+
+
+def launch_commands():
+    return documented_commands(("python launch/", "bash launch/", "sbatch ", "launch/"))
+
+
+TRAIN_WRAPPER = 'hrdecoder_jax.train --config "$config" --workdir "$workdir" "$@"'   # launch/*.sh, *.sbatch
 
 
 def test_the_docs_show_commands():
@@ -63,6 +71,44 @@ def test_documented_command_parses(where, command, monkeypatch):
     module = command_module(name)
     fv = cli.parse(name, module.define_flags, args[3:], config=getattr(module, "USES_CONFIG", True))
     assert fv is not None, (where, command)
+
+
+def test_the_docs_show_launch_commands():
+    scripts = {a for _, c in launch_commands() for a in shlex.split(c) if a.startswith("launch/")}
+    assert {"launch/reference/same_training.py", "launch/local_multiprocess.py", "launch/slurm.sbatch"} <= scripts
+
+
+@pytest.mark.parametrize("where,command", launch_commands())
+def test_documented_launch_command_parses(where, command, monkeypatch):
+    """The ``launch/`` commands of the README and docs/: the script exists and its own argument parser
+    (``build_parser``) takes the documented arguments; the training arguments a launcher passes on are
+    parsed with train's flags; a shell script must at least be valid shell."""
+    import importlib.util
+    import subprocess
+    monkeypatch.chdir(REPO)
+    args = shlex.split(command)
+    if args[0] == "sbatch":                    # sbatch [its options] SCRIPT args
+        first = next(i for i, a in enumerate(args) if i > 0 and not a.startswith("-"))
+        args = ["bash", *args[first:]]
+    elif args[0].startswith("launch/"):        # an executable script run directly
+        args = ["bash", *args]
+    script = REPO / args[1]
+    assert script.is_file(), (where, command)
+    if args[0] == "bash":
+        assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0, (where, command)
+        if TRAIN_WRAPPER in script.read_text():      # CONFIG WORKDIR [train flags]
+            from hrdecoder_jax import train
+            config, workdir, *rest = args[2:]
+            assert cli.parse("train", train.define_flags, [f"--config={config}", f"--workdir={workdir}", *rest])
+        return
+    spec = importlib.util.spec_from_file_location(f"launch_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parsed = module.build_parser().parse_args(args[2:])
+    train_args = [a for a in getattr(parsed, "train_args", None) or [] if a != "--"]
+    if train_args:
+        from hrdecoder_jax import train
+        assert cli.parse("train", train.define_flags, train_args) is not None, (where, command)
 
 
 def test_flag_spellings_with_dashes_and_underscores_are_one_flag():

@@ -400,7 +400,7 @@ def test_file_cache_matches_memory(ds, full_run, tmp_path):
             got = next(it)
             np.testing.assert_array_equal(got["image"], full_run[step]["image"])
             np.testing.assert_array_equal(got["label"], full_run[step]["label"])
-    assert (tmp_path / "cache" / "_COMPLETE").exists()
+    assert len(list((tmp_path / "cache").glob("*/_COMPLETE"))) == 1   # one sub-folder, keyed by its data, reused
 
 
 # --------------------------------------------------------------------------- eval, split

@@ -118,16 +118,14 @@ def test_bad_settings_fail_before_training(tmp_path):
 
 
 def test_two_process_launch_agrees(tmp_path):
-    """The local launcher runs 2 processes x 2 CPU devices through jax.distributed; both processes see the
-    same global losses, equal to the single-process 4-device run of the same config."""
-    config = shrunk_synthetic_config(tmp_path / "data", total_steps=2)
+    """The local launcher runs 2 processes x 2 CPU devices through jax.distributed on a fresh data_dir (process
+    0 prepares the dataset, the other waits for it: both preparing at once killed the first run); both
+    processes see the same global losses, equal to the single-process 4-device run of the same config."""
+    config = shrunk_synthetic_config(tmp_path / "data_single", total_steps=2)
     config.eval_every = 0
-    # The data is prepared once up front so the two processes do not race to build it.
-    from hrdecoder_jax.data import open_split
-    open_split(config.data, "train")
-    open_split(config.data, "test")
     single = tmp_path / "single"
     train_and_evaluate(config, str(single), final_eval=False)
+    # The same synthetic dataset, generated afresh by the two processes in a data_dir of their own.
     overrides = [f"--config.{k}={v}" for k, v in {
         "data.data_dir": tmp_path / "data", "total_steps": 2, "eval_every": 0}.items()]
     # The model and data sections are swapped in through a config file written for the subprocesses.

@@ -165,6 +165,47 @@ def _open(data: bytes, where: str, what: str):
         raise DatasetError(f"{where}: corrupt or truncated {what} ({reason})") from e
 
 
+# Pillow modes whose own conversion to RGB is exact (8 bits per channel, palettes, CMYK, YCbCr).
+PIL_RGB_MODES = ("RGB", "L", "RGBA", "P", "LA", "CMYK", "YCbCr", "1")
+
+
+def to_uint8_rgb(array: np.ndarray) -> np.ndarray:
+    """``[H, W]``, ``[H, W, C]`` or ``[C, H, W]`` of any numeric dtype -> uint8 ``[H, W, 3]``: 16-bit and
+    12-bit integers scaled to 0..255 (by 65535, or by 4095 when no value exceeds it), floats in 0..1 by 255."""
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
+        a = np.moveaxis(a, 0, -1)  # planar TIFF
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3 or a.shape[0] < 1 or a.shape[1] < 1:
+        raise ValueError(f"not an image array: shape {np.shape(array)}")
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, axis=-1)
+    elif a.shape[-1] == 2:  # grey + alpha
+        a = np.repeat(a[..., :1], 3, axis=-1)
+    a = a[..., :3]
+    if a.dtype == np.uint8:
+        return np.ascontiguousarray(a)
+    if a.dtype == np.bool_:
+        return a.astype(np.uint8) * 255
+    if np.issubdtype(a.dtype, np.integer):
+        top = 255 if a.max(initial=0) <= 255 else (4095 if a.max() <= 4095 else np.iinfo(a.dtype).max)
+        return np.clip(np.round(a.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
+    a = a.astype(np.float64)
+    scale = 255.0 if np.nanmax(a) <= 1.0 else 1.0
+    return np.clip(np.round(np.nan_to_num(a) * scale), 0, 255).astype(np.uint8)
+
+
+def pil_to_rgb(img) -> np.ndarray:
+    """uint8 RGB ``[H, W, 3]`` of a decoded Pillow image, whatever its mode: the image decoder of both the
+    dataset builders and ``predict``. 8-bit modes go through Pillow's conversion; 16-bit, 32-bit and float
+    greyscale (``I;16``, ``I``, ``F``), which Pillow's conversion clips to white, are scaled
+    (``to_uint8_rgb``)."""
+    if img.mode in PIL_RGB_MODES:
+        return np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
+    return to_uint8_rgb(np.asarray(img))
+
+
 def decode_image(data: bytes, where: str) -> tuple[np.ndarray, bytes | np.ndarray]:
     """Decode an image file.
 
@@ -174,7 +215,10 @@ def decode_image(data: bytes, where: str) -> tuple[np.ndarray, bytes | np.ndarra
     """
     img = _open(data, where, "image")
     fmt, mode = img.format, img.mode
-    rgb = np.asarray(img.convert("RGB") if mode != "RGB" else img, dtype=np.uint8)
+    try:
+        rgb = pil_to_rgb(img)
+    except ValueError as e:
+        raise DatasetError(f"{where}: cannot be read as an RGB image ({e})") from e
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise DatasetError(f"{where}: expected an RGB image, got shape {rgb.shape}")
     keep = (fmt == "JPEG" and mode in ("RGB", "L")) or (fmt == "PNG" and mode == "RGB")
@@ -268,7 +312,7 @@ class SplitFiles:
     images: dict[str, str]
     masks: dict[str, dict[str, str]]
     fused: dict[str, str] | None
-    missing: list[tuple[str, str]]  # (stem, lesion or "all") with no mask file: empty mask
+    missing: list[tuple[str, str]]  # (stem, lesion) with no mask file: an empty mask (no image misses all four)
 
 
 @dataclasses.dataclass
@@ -424,10 +468,18 @@ def _collect_split(tree: Tree, split: str, img: Node, lab: Node, dataset: str) -
         if not fused:
             raise DatasetNotFoundError(
                 f"{dataset}: no lesion folders ({', '.join(LESIONS)}) and no fused .png label maps in {tree.display(lab.rel)}")
-        missing = [(s, "all") for s in images if s not in fused]
+        missing = []               # an image without its label map is refused below
     if orphans:
         log.warning("%s/%s: %d mask file(s) match no image and are ignored: %s", dataset, split,
                     len(orphans), ", ".join(orphans[:10]) + (" ..." if len(orphans) > 10 else ""))
+    # An image with no mask at all is not annotated (a stray file, or masks that went elsewhere): as mmseg and
+    # nnU-Net, which need a label file for every image, refuse it rather than score it as lesion-free.
+    bare = [s for s in images if (s not in fused if fused is not None else not masks[s])]
+    if bare:
+        listed = ", ".join(bare[:5]) + (f" and {len(bare) - 5} more" if len(bare) > 5 else "")
+        raise DatasetError(f"{dataset}/{split}: {len(bare)} image(s) in {tree.display(img.rel)} have no mask at all "
+                           f"in {tree.display(lab.rel)} ({listed}); an image without annotation would count as "
+                           "lesion-free: remove it, or add its masks (an all-black mask marks a lesion-free image)")
     return SplitFiles(split=split, image_dir=tree.display(img.rel), label_dir=tree.display(lab.rel),
                       images=images, masks=masks, fused=fused, missing=missing)
 

@@ -43,6 +43,7 @@ order form the global batch. No jax arrays are created here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -276,28 +277,38 @@ class _MemorySource:
 
 
 class _FileSource:
-    """One file per encoded example under ``directory`` (tf.io.serialize_tensor), read by index.
+    """One file per encoded example, read by index, under ``cache/<key>/``: the key is a fingerprint of what
+    the cache holds (``_cache_key``: the prepared data's fingerprint, the split, the held-out validation
+    examples), so runs on other data never read this one's examples, whatever ``data.cache`` they share.
 
     tf.data's file ``.cache(path)`` has no random access, so the cache is written once as
-    ``<index>.image`` / ``<index>.packed`` plus a ``_COMPLETE`` marker and reused while the marker
-    exists. The directory must be specific to one (dataset, split, validation split).
+    ``<index>.image`` / ``<index>.packed`` plus a ``_COMPLETE`` marker (with the key and a description of
+    the data) and reused while the marker exists.
     """
 
     MARKER = "_COMPLETE"
 
-    def __init__(self, ds: tf.data.Dataset, directory: str, num_parallel_calls: int):
+    def __init__(self, ds: tf.data.Dataset, cache: str, key: str, holds: str, num_parallel_calls: int):
+        if tf.io.gfile.exists(os.path.join(cache, self.MARKER)):
+            logging.warning("data.cache=%s holds a cache written before caches carried a fingerprint of their "
+                            "data; it is not used (delete its files to free the space)", cache)
+        directory = os.path.join(cache, key)
         self.directory = directory
         marker = os.path.join(directory, self.MARKER)
         if not tf.io.gfile.exists(marker):
-            self._write(ds, directory, num_parallel_calls)
+            self._write(ds, directory, num_parallel_calls, key, holds)
         with tf.io.gfile.GFile(marker) as f:
-            self.num_examples = int(json.load(f)["num_examples"])
+            record = json.load(f)
+        if record.get("key") != key:
+            from hrdecoder_jax.data.contract import DatasetError
+            raise DatasetError(f"{directory} holds {record.get('holds', 'other data')}, not {holds}; delete it")
+        self.num_examples = int(record["num_examples"])
 
     @staticmethod
     def _path(directory: str, index, kind: str):
         return tf.strings.join([directory, "/", tf.strings.as_string(index, width=7, fill="0"), "." + kind])
 
-    def _write(self, ds, directory, num_parallel_calls):
+    def _write(self, ds, directory, num_parallel_calls, key, holds):
         tf.io.gfile.makedirs(directory)
         n = 0
         suffix = f".tmp{os.getpid()}"
@@ -308,7 +319,7 @@ class _FileSource:
                 tf.io.gfile.rename(final + suffix, final, overwrite=True)  # atomic for readers
             n = i + 1
         with tf.io.gfile.GFile(os.path.join(directory, self.MARKER) + suffix, "w") as f:
-            json.dump({"num_examples": n}, f)
+            json.dump({"num_examples": n, "key": key, "holds": holds}, f)
         tf.io.gfile.rename(os.path.join(directory, self.MARKER) + suffix,
                            os.path.join(directory, self.MARKER), overwrite=True)
 
@@ -319,12 +330,33 @@ class _FileSource:
         return {"image": tf.ensure_shape(image, [None, None, 3]), "packed": tf.ensure_shape(packed, [None, None])}
 
 
-def _make_source(ds, data_config, num_examples, num_parallel_calls):
+def _cache_key(data_config, fingerprint: str | None) -> tuple[str, str]:
+    """``(key, description)`` of the training examples a file cache holds: the prepared data's
+    ``fingerprint`` (``data.data_fingerprint``; without one, the dataset's name, folders and builder
+    settings) and the validation examples held out of the training split."""
+    def get(name):
+        return data_config.get(name) if hasattr(data_config, "get") else getattr(data_config, name, None)
+
+    if fingerprint is None:
+        synthetic = get("synthetic")
+        fingerprint = json.dumps({"name": get("name"), "data_dir": os.path.abspath(os.path.expanduser(
+            str(get("data_dir") or "~/tensorflow_datasets"))), "manual_dir": get("manual_dir"),
+            "synthetic": synthetic.to_dict() if hasattr(synthetic, "to_dict") else synthetic}, sort_keys=True)
+    held_out = ({"validate_on": "val", "val_count": get("val_count"), "val_fraction": get("val_fraction"),
+                 "val_seed": get("val_seed")} if get("validate_on") == "val" else {"validate_on": get("validate_on")})
+    text = json.dumps({"data": fingerprint, "held_out": held_out}, sort_keys=True)
+    key = hashlib.blake2b(text.encode(), digest_size=10).hexdigest()
+    holds = f"the training examples of {fingerprint} (held out: {json.dumps(held_out, sort_keys=True)})"
+    return key, holds
+
+
+def _make_source(ds, data_config, num_examples, num_parallel_calls, fingerprint=None):
     cache = data_config.cache
     if cache is True or cache == "memory":
         return _MemorySource(ds, num_examples, num_parallel_calls)
     if isinstance(cache, str) and cache:
-        return _FileSource(ds, cache, num_parallel_calls)
+        key, holds = _cache_key(data_config, fingerprint)
+        return _FileSource(ds, os.path.expanduser(cache), key, holds, num_parallel_calls)
     raise ValueError("the training pipeline reads examples by index and needs a cache: set "
                      f"data_config.cache to True/'memory' or a directory path, got {cache!r}")
 
@@ -378,7 +410,7 @@ def train_example_indices(num_examples: int, *, global_batch_size: int, seed: in
 def build_train_dataset(ds: tf.data.Dataset, data_config, *, global_batch_size: int, seed: int,
                         start_step: int = 0, process_index: int | None = None,
                         process_count: int | None = None, num_examples: int | None = None,
-                        raw: bool = False) -> tf.data.Dataset:
+                        raw: bool = False, fingerprint: str | None = None) -> tf.data.Dataset:
     """The infinite, batched training ``tf.data.Dataset`` of one process (see ``make_train_dataset``)."""
     process_index, process_count = _process_info(process_index, process_count)
     if global_batch_size % process_count:
@@ -386,7 +418,7 @@ def build_train_dataset(ds: tf.data.Dataset, data_config, *, global_batch_size: 
     b = global_batch_size // process_count
     _check_label_mode(data_config)
     npc = _autotune(data_config.num_parallel_calls)
-    source = _make_source(ds, data_config, num_examples, npc)
+    source = _make_source(ds, data_config, num_examples, npc, fingerprint)
     n = source.num_examples
     if n < 1:
         raise ValueError("empty training dataset")
@@ -408,7 +440,7 @@ def build_train_dataset(ds: tf.data.Dataset, data_config, *, global_batch_size: 
 def make_train_dataset(ds: tf.data.Dataset, data_config, *, global_batch_size: int, seed: int,
                        start_step: int = 0, process_index: int | None = None,
                        process_count: int | None = None, num_examples: int | None = None,
-                       raw: bool = False) -> Iterator[dict]:
+                       raw: bool = False, fingerprint: str | None = None) -> Iterator[dict]:
     """Infinite iterator of this process's numpy training batches.
 
     Args:
@@ -427,11 +459,14 @@ def make_train_dataset(ds: tf.data.Dataset, data_config, *, global_batch_size: i
       order gives the global batch.
       With ``raw=True``: ``train_transform_raw``'s ``{"image": uint8, "packed", "valid"}`` batched, for
       the trainer, which finishes them on the device (``data.on_device``); the same model input.
+    ``fingerprint``: what ``ds`` was read from (``data.data_fingerprint``); it keys a file cache
+    (``data_config.cache`` a directory), with the held-out validation examples, so a cache is only ever
+    read back by runs on the same data.
     """
     return build_train_dataset(ds, data_config, global_batch_size=global_batch_size, seed=seed,
                                start_step=start_step, process_index=process_index,
                                process_count=process_count, num_examples=num_examples,
-                               raw=raw).as_numpy_iterator()
+                               raw=raw, fingerprint=fingerprint).as_numpy_iterator()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,7 +510,11 @@ def val_indices(num_examples: int, data_config) -> list[int]:
         frac = float(data_config.val_fraction)
         n_val = max(1, int(round(frac * num_examples))) if frac > 0 else 0
     if not 0 <= n_val < num_examples:
-        raise ValueError(f"validation size {n_val} must be in [0, {num_examples})")
+        from hrdecoder_jax.config_utils import ConfigError
+        setting = (f"data.val_count={n_val}" if data_config.val_count is not None
+                   else f"data.val_fraction={data_config.val_fraction} ({n_val} images)")
+        raise ConfigError(f"{setting} holds out too many of the training split's {num_examples} images: "
+                          f"it must leave at least one to train on (at most {num_examples - 1})")
     perm = np.random.default_rng(int(data_config.val_seed)).permutation(num_examples)
     return sorted(int(i) for i in perm[:n_val])
 

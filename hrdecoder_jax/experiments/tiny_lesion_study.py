@@ -23,6 +23,8 @@ import pathlib
 import sys
 import time
 
+from hrdecoder_jax.workdir import atomic_write, write_file
+
 MODELS = ("fcn_lr", "fcn_hr", "hrdecoder", "efficient")
 USES_CONFIG = False   # the command takes no --config (each run loads configs/synthetic.py)
 LABELS = {"fcn_lr": "FCN-LR", "fcn_hr": "FCN-HR", "hrdecoder": "HRDecoder", "efficient": "Efficient-HRDecoder"}
@@ -86,7 +88,7 @@ def run_model(variant: str, config, out_dir: pathlib.Path) -> dict:
         "train_seconds": seconds, "steps": config.total_steps, "batch": config.global_batch_size,
         "train_image": list(config.data.crop_size),
     }
-    done.write_text(json.dumps(row, indent=2))
+    write_file(done, json.dumps(row, indent=2))
     return row
 
 
@@ -115,7 +117,7 @@ def write_report(runs: list[dict], out_dir: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = summarise(runs)
-    (out_dir / "study.json").write_text(json.dumps({"runs": runs, "summary": rows}, indent=2))
+    write_file(out_dir / "study.json", json.dumps({"runs": runs, "summary": rows}, indent=2))
     lesions = ("EX", "HE", "SE", "MA")
     n_seeds = max(len(r["seeds"]) for r in rows)
     head = (["model"] + [f"IoU {x}" for x in lesions] + [f"AUPR {x}" for x in lesions]
@@ -136,7 +138,7 @@ def write_report(runs: list[dict], out_dir: pathlib.Path) -> None:
                     "-" if r["infer_flops"] is None else f"{r['infer_flops'] / 1e9:.1f} G",
                     "-" if r["train_images_per_s"] is None else f"{r['train_images_per_s']:.2f}"])
         lines.append("| " + " | ".join(cells) + " |")
-    (out_dir / "study.md").write_text("\n".join(lines) + "\n")
+    write_file(out_dir / "study.md", "\n".join(lines) + "\n")
 
     # Two panels: mIoU and MA IoU (the tiny lesions the method is about) against train-step memory, with
     # the seed standard deviation as error bars.
@@ -159,7 +161,8 @@ def write_report(runs: list[dict], out_dir: pathlib.Path) -> None:
     fig.suptitle(f"synthetic_fundus: accuracy vs training memory (same backbone, head and steps; "
                  f"mean ± std over {n_seeds} seeds)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out_dir / "study.png")
+    with atomic_write(out_dir / "study.png", "wb") as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
 
 

@@ -3,6 +3,9 @@
     python -m hrdecoder_jax.tools.write_layout --layout idrid --out DIR [--zip] \\
         [--num-train N --num-test N --height H --width W --seed S]
 
+``DIR`` must be new or empty: writing into a folder that holds files (a real download, another layout)
+is refused rather than mixing two datasets.
+
 Layouts:
 
 * ``idrid``: the official "A. Segmentation" download: JPEG images (quality 95), red (255,0,0) RGB
@@ -89,31 +92,58 @@ def _tiff(arr: np.ndarray) -> bytes:
     return _encode(arr, "TIFF", compression="tiff_lzw")
 
 
+class LayoutError(ValueError):
+    """The output folder cannot take the dataset (the message names it)."""
+
+
 class _Sink:
-    """Writes files under a folder or into a zip archive."""
+    """Writes files under a folder or into a zip archive, each complete or not at all (the zip under a
+    temporary name until it is closed)."""
 
     def __init__(self, out: pathlib.Path, zip_name: str | None):
+        from hrdecoder_jax.workdir import atomic_write
+
         self.out = out
         out.mkdir(parents=True, exist_ok=True)
-        self.zip = zipfile.ZipFile(out / zip_name, "w") if zip_name else None
+        self._zip_file = atomic_write(out / zip_name, "wb") if zip_name else None
+        self.zip = zipfile.ZipFile(self._zip_file.__enter__(), "w") if zip_name else None
 
     def put(self, rel: str, data: bytes, compress: bool) -> None:
+        from hrdecoder_jax.workdir import write_file
+
         if self.zip is not None:
             self.zip.writestr(rel, data, compress_type=zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED)
         else:
             path = self.out / rel
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
+            write_file(path, data)
 
-    def close(self) -> None:
+    def close(self, failed: BaseException | None = None) -> None:
         if self.zip is not None:
             self.zip.close()
+            if failed is None:
+                self._zip_file.__exit__(None, None, None)
+            else:
+                self._zip_file.__exit__(type(failed), failed, failed.__traceback__)
+
+
+def check_out(out: pathlib.Path) -> None:
+    """``out`` must be a new or empty folder: writing a dataset into one that holds files would mix two
+    datasets (and overwrite a real download's images of the same names). Raises ``LayoutError``."""
+    if out.exists() and not out.is_dir():
+        raise LayoutError(f"--out {out} is a file, not a folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries:
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise LayoutError(f"--out {out} is not empty ({shown}); write_layout writes a whole dataset and never "
+                          "into an existing one (that would mix two datasets): choose a new or empty folder")
 
 
 def write_layout(out, layout: str = "idrid", *, num_train: int = 6, num_test: int = 3, num_valid: int = 3,
                  height: int = 356, width: int = 536, seed: int = 0, as_zip: bool = False,
                  lesion_scale: float = 1.0, jpeg_quality: int = 95) -> list[WrittenExample]:
-    """Write a synthetic dataset in ``layout`` (one of LAYOUTS) under folder ``out``.
+    """Write a synthetic dataset in ``layout`` (one of LAYOUTS) under folder ``out``, which must be new or
+    empty (``LayoutError`` otherwise: it never writes into an existing dataset).
 
     ``num_valid`` only applies to ``ddr``. With ``as_zip`` everything goes into one archive in
     ``out`` ("A. Segmentation.zip", "lesion_segmentation.zip" or "idrid_mmseg.zip"), whose top
@@ -122,6 +152,7 @@ def write_layout(out, layout: str = "idrid", *, num_train: int = 6, num_test: in
     if layout not in LAYOUTS:
         raise ValueError(f"write_layout: unknown layout {layout!r} (expected one of {', '.join(LAYOUTS)})")
     out = pathlib.Path(os.fspath(out))
+    check_out(out)
     if layout == "idrid":
         top, zip_name = "A. Segmentation/", "A. Segmentation.zip"
     elif layout == "ddr":
@@ -133,6 +164,7 @@ def write_layout(out, layout: str = "idrid", *, num_train: int = 6, num_test: in
     sink = _Sink(out, zip_name if as_zip else None)
     written = []
     counter = 0
+    failed = None
     try:
         for split, n in splits:
             for i in range(n):
@@ -176,15 +208,19 @@ def write_layout(out, layout: str = "idrid", *, num_train: int = 6, num_test: in
                 written.append(WrittenExample(split=split, name=name, seed=ex_seed, height=height, width=width,
                                               lesion_scale=lesion_scale, image_path=img_rel, missing=missing,
                                               fused=layout == "mmseg-png"))
+    except BaseException as e:
+        failed = e
+        raise
     finally:
-        sink.close()
+        sink.close(failed)
     return written
 
 
 def define_flags(fv) -> None:
     from absl import flags
     flags.DEFINE_enum("layout", "idrid", LAYOUTS, "Which dataset's layout.", flag_values=fv)
-    flags.DEFINE_string("out", None, "Output folder (the manual dir to point the builder at).", flag_values=fv)
+    flags.DEFINE_string("out", None, "Output folder, new or empty (the manual dir to point the builder at).",
+                        flag_values=fv)
     flags.mark_flag_as_required("out", flag_values=fv)
     flags.DEFINE_bool("zip", False, "Write one zip archive instead of a folder tree.", flag_values=fv)
     flags.DEFINE_integer("num_train", 6, "Training images.", flag_values=fv)
@@ -197,6 +233,11 @@ def define_flags(fv) -> None:
 
 
 def run(a) -> int:
+    from hrdecoder_jax import cli
+    try:
+        check_out(pathlib.Path(a.out))
+    except LayoutError as e:
+        raise cli.CommandError(str(e)) from None
     written = write_layout(a.out, a.layout, num_train=a.num_train, num_test=a.num_test, num_valid=a.num_valid,
                            height=a.height, width=a.width, seed=a.seed, as_zip=a.zip, lesion_scale=a.lesion_scale)
     missing = [f"{w.name} {les}" for w in written for les in w.missing]

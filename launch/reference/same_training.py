@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import statistics
 import subprocess
 import sys
@@ -161,7 +162,7 @@ def plot(runs: dict, path: pathlib.Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reference-python", required=True, help="the original's interpreter (setup_ref.sh's venv)")
     p.add_argument("--reference-harness", required=True, help="the folder of ref_hrdecoder.py (../shared/reference)")
@@ -172,13 +173,22 @@ def main() -> int:
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--only", choices=["original", "ours", "report"], default=None,
                    help="run one side only, or only write the report from finished runs")
-    args = p.parse_args()
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     out = pathlib.Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)        # a fresh clone has no runs/ yet
     args.out = str(out)
     data = out / "data"
     if not (data / "images").exists():
-        run([sys.executable, "-m", "hrdecoder_jax.tools.write_layout", "--layout", "mmseg-png", "--out", data,
+        # Written beside and renamed when complete: an interrupted write leaves no half dataset behind.
+        partial = out / "data.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        run([sys.executable, "-m", "hrdecoder_jax.tools.write_layout", "--layout", "mmseg-png", "--out", partial,
              "--num_train", 48, "--num_test", 16, "--height", 512, "--width", 512], out / "write_layout.log")
+        partial.rename(data)
     seeds = [int(s) for s in args.seeds.split(",")]
     runs = {impl: [] for impl in IMPLS}
     for seed in seeds:

@@ -109,7 +109,7 @@ def run_theirs(python: str, harness: str, width: int, kind: str, repeats: int, t
     return _last_json(out.stdout, ROWS[kind]["their_what"])
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reference-python", required=True, help="interpreter of the original code's environment")
     p.add_argument("--reference-harness", required=True, help="path of ref_hrdecoder.py")
@@ -118,7 +118,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per process")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="PyTorch threads")
     p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     for r in rows:
         try:
