@@ -31,6 +31,7 @@ import numpy as np
 from hrdecoder_jax import LESIONS, __version__
 from hrdecoder_jax.config_utils import field, window_weighting
 from hrdecoder_jax.ops import library
+from hrdecoder_jax.workdir import write_file
 from hrdecoder_jax.serving import FORMAT_VERSION, MANIFEST, ONNX_FILE, STABLEHLO_FILE
 
 FORMATS = ("stablehlo", "onnx")
@@ -327,9 +328,7 @@ def write_export(out_dir: str, files: dict[str, Callable[[str], None]], manifest
     try:
         for name, write in files.items():
             write(os.path.join(tmp, name))
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(manifest_doc, f, indent=2)
-            f.write("\n")
+        write_file(os.path.join(tmp, MANIFEST), json.dumps(manifest_doc, indent=2) + "\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -80,10 +80,8 @@ def run(fv) -> int:
         if "stablehlo" in formats:
             blob = deploy.export_stablehlo(fn, spec, platforms)
 
-            def write_stablehlo(path, blob=blob):
-                with open(path, "wb") as f:
-                    f.write(blob)
-            files[STABLEHLO_FILE] = write_stablehlo
+            from hrdecoder_jax.workdir import write_file
+            files[STABLEHLO_FILE] = lambda path, blob=blob: write_file(path, blob)
         if "onnx" in formats:
             files[ONNX_FILE] = lambda path: deploy.export_onnx(fn, spec, path)
         extra = {}

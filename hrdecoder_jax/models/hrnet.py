@@ -15,6 +15,7 @@ from flax import nnx
 
 from hrdecoder_jax.models.layers import BatchNorm, apply_conv_bn, conv, conv_bn, conv_bn_forward
 from hrdecoder_jax.models.resize import resize_bilinear
+from hrdecoder_jax.ops.fence import fence
 
 Array = jax.Array
 
@@ -63,21 +64,12 @@ class Bottleneck(nnx.Module):
         return fusion_fence(jax.nn.relu(out + identity))
 
 
-def _fence_cpu(x: Array) -> Array:
-    flat = x.reshape(-1)   # a predicate XLA cannot decide at compile time (false only for a NaN)
-    return jax.lax.cond(flat[0] == flat[0], lambda v: v, lambda v: v + 0.0, x)
-
-
 def fusion_fence(x: Array) -> Array:
-    """``x``, computed once into memory (on CPUs; the identity elsewhere).
-
-    XLA's CPU fusion copies a cheap elementwise producer into every consumer, so along a residual chain
-    each block recomputed, and re-read the inputs of, every block before it: 2772 ``maximum`` ops for the
-    ~300 ReLUs of the W18 forward, 30% of its time and 60% of the train step's compile time. A conditional
-    is a fusion boundary (an optimisation barrier is removed before fusion). On GPUs a conditional can
-    cost a host round trip, so there it is left out (``platform_dependent`` picks at lowering time).
-    """
-    return jax.lax.platform_dependent(x, cpu=_fence_cpu, default=lambda v: v)
+    """``x``, computed once into memory (on CPUs; the identity elsewhere): XLA's CPU fusion copies a cheap
+    elementwise producer into every consumer, so along a residual chain each block recomputed, and re-read
+    the inputs of, every block before it (2772 ``maximum`` ops for the ~300 ReLUs of the W18 forward, 30% of
+    its time and 60% of the train step's compile time). See ``ops/fence.py``."""
+    return fence(x)
 
 
 BLOCKS = {"BASIC": BasicBlock, "BOTTLENECK": Bottleneck}

@@ -447,6 +447,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HrdAdamwStep, AdamwStep,
                                   .Attr<float>("one_minus_b1").Attr<float>("b2").Attr<float>("one_minus_b2")
                                   .Attr<float>("eps").Attr<float>("wd"));
 
+namespace {
+
+// A fusion barrier: the result is the operand's buffer (aliased by the caller), nothing is computed. XLA
+// cannot fuse across a custom call, so an elementwise producer is computed once into memory instead of being
+// copied into every consumer (see models/hrnet.py, fusion_fence).
+ffi::Error Identity(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
+  if (x.untyped_data() != (*y).untyped_data())
+    std::memcpy((*y).untyped_data(), x.untyped_data(), x.size_bytes());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HrdIdentity, Identity,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
+
 // Which oneDNN implementation a shape gets (for diagnostics: a "ref" kernel would be slow).
 extern "C" const char* hrd_conv_impl(int kind, const int64_t* d) {
   thread_local std::string out;

@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from hrdecoder_jax.config_utils import WINDOW_WEIGHTINGS
+from hrdecoder_jax.workdir import write_file
 
 
 def border_masks(image_size: Sequence[int], boxes: Sequence[tuple]) -> tuple[np.ndarray, np.ndarray]:
@@ -160,8 +161,7 @@ def run(fv) -> int:
               + f" | {100 * r['mIoU']:.2f} | {100 * r['mAUPR']:.2f} | {s['border']:.4f} | {s['hr_border']:.4f} | "
                 f"{s['elsewhere']:.4f} | {s['ratio']:.2f} |")
     if fv.json:
-        with open(fv.json, "w") as f:
-            json.dump({"step": meta.get("step"), "split": split, "rows": rows}, f, indent=2)
+        write_file(fv.json, json.dumps({"step": meta.get("step"), "split": split, "rows": rows}, indent=2) + "\n")
     return 0
 
 
