@@ -123,7 +123,7 @@ def _compile() -> pathlib.Path:
         raise LookupError("no C++ compiler (g++ or $CXX)")
     # Multiply-adds contract into FMAs, as in XLA's own CPU kernels (the optimiser step then equals optax's
     # on XLA bit for bit for SGD).
-    flags = ["-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}",
+    flags = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}",
              f"-I{include}", f"-L{libdir}", "-l:libdnnl.so.3", f"-Wl,-rpath,{libdir}"]
     tag = hashlib.sha256(SOURCE.read_bytes() + "|".join(
         [jax.__version__, importlib.metadata.version("jaxlib"), importlib.metadata.version(_ONEDNN_DISTS[0]), cxx,
