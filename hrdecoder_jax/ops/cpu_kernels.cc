@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -51,9 +52,18 @@ dnnl::engine& cpu_engine() {
 
 // Convolutions below this many multiply-adds run on one thread (the calling XLA thread): waking oneDNN's
 // OpenMP team costs more than it saves there, and XLA runs independent small convolutions (HRNet's parallel
-// branches) side by side anyway. Measured on a 2-core Xeon: a 3x3 18->18 convolution at 64x64 takes 0.26 ms
-// on one thread and 0.32 ms on two; at 64 channels two threads win (1.0 vs 1.7 ms).
-constexpr int64_t kParallelMacs = 48 << 20;
+// branches) side by side anyway. Measured on a 2-core Xeon: a 3x3 18->18 convolution at 64x64 (12M
+// multiply-adds) takes 0.26 ms on one thread and 0.32 ms on two; 3x3 64->64 at 64x64 (151M) 1.7 vs 1.0 ms;
+// the W48 train step at 512 px (branch convolutions of 85M) 1.07-1.11 s with this threshold at 128M against
+// 1.14-1.17 s at 48M, the W18 one level.
+// HRDECODER_JAX_PARALLEL_MACS overrides the threshold (read once).
+int64_t ParallelMacs() {
+  static const int64_t value = [] {
+    const char* env = std::getenv("HRDECODER_JAX_PARALLEL_MACS");
+    return env && *env ? std::atoll(env) : int64_t{128} << 20;
+  }();
+  return value;
+}
 
 using Key = std::array<int64_t, 17>;
 struct KeyHash {
@@ -68,7 +78,7 @@ struct Geometry {
   int64_t n, h, w, ci, co, kh, kw, oh, ow, sh, sw, pt, pb, pl, pr;
   int threads() const {
     const int64_t macs = n * oh * ow * co * kh * kw * ci;
-    return macs < kParallelMacs ? 1 : omp_get_num_procs();
+    return macs < ParallelMacs() ? 1 : omp_get_num_procs();
   }
   Key key(char kind) const { return {kind, n, h, w, ci, co, kh, kw, oh, ow, sh, sw, pt, pb, pl, pr, threads()}; }
   memory::desc src(tag t = tag::nhwc) const { return memory::desc({n, ci, h, w}, dt::f32, t); }
