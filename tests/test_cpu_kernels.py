@@ -267,3 +267,27 @@ def test_fused_optimizer_step_is_optax(name, backend):
     moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(jax.tree.leaves(p_n),
                                                                                  jax.tree.leaves(params)))
     assert moved > 1e-3        # the steps did something
+
+
+@pytest.mark.parametrize("src,dst", [((8, 8), (16, 16)), ((16, 16), (64, 64)), ((512, 512), (256, 256)),
+                                     ((32, 48), (64, 40)), ((64, 64), (512, 512)), ((5, 7), (13, 3))])
+def test_resize_kernel_equals_float64_pytorch_rule(src, dst, backend):
+    """The resize kernel (forward and transpose) against PyTorch's bilinear rule for float32 data (indices and
+    weights in float32, as PyTorch computes them) applied in float64 as dense matrices, on HRNet's integer
+    factors and others."""
+    from hrdecoder_jax.models.resize import _dense, resize_bilinear, source_indices_host
+    rng = np.random.default_rng(src[0] * 100 + dst[1])
+    x = rng.standard_normal((2, *src, 3)).astype(np.float32)
+    g = rng.standard_normal((2, *dst, 3)).astype(np.float32)
+    mh, mw = (_dense(n, *source_indices_host(n, m, "float32")).astype(np.float64) for n, m in zip(src, dst))
+    y64 = np.einsum("oh,nhwc,pw->nopc", mh, x.astype(np.float64), mw)
+    dx64 = np.einsum("oh,nopc,pw->nhwc", mh, g.astype(np.float64), mw)
+    backend("native")
+    f = jax.jit(lambda a: resize_bilinear(a, dst))
+    assert "hrd_resize" in f.lower(x).as_text()
+    y, vjp = jax.vjp(f, jnp.asarray(x))
+    (dx,) = vjp(jnp.asarray(g))
+    # Two weighted sums per output: a few float32 steps of the largest value.
+    assert np.abs(np.asarray(y, np.float64) - y64).max() <= 4 * np.finfo(np.float32).eps * np.abs(y64).max()
+    # The transpose sums up to 4 * ceil(out / in)^2 weighted terms per input.
+    assert np.abs(np.asarray(dx, np.float64) - dx64).max() <= 32 * np.finfo(np.float32).eps * np.abs(dx64).max()

@@ -24,6 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hrdecoder_jax.ops import library
+from hrdecoder_jax.ops.resize import resize as kernel_resize
+
 Array = jax.Array
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -190,9 +193,29 @@ def resize_axis(x: Array, n_out: int, axis: int) -> Array:
     return _banded(x, plan[1], plan[2], plan[3], axis)
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel_tables(n_in: int, n_out: int) -> tuple:
+    """``(i0, i1, 1 - lam, lam)`` of one float32 axis as tuples (hashable: the kernel's static attributes);
+    the identity when the size does not change."""
+    if n_in == n_out:
+        idx = tuple(range(n_in))
+        return idx, idx, (1.0,) * n_in, (0.0,) * n_in
+    i0, i1, lam = source_indices_host(n_in, n_out, "float32")
+    w0 = (np.float32(1) - lam).astype(np.float32)
+    return tuple(int(v) for v in i0), tuple(int(v) for v in i1), tuple(float(v) for v in w0), \
+        tuple(float(v) for v in lam)
+
+
 def resize_bilinear(x: Array, size: tuple[int, int]) -> Array:
-    """Resize ``[B, H, W, C]`` to ``[B, *size, C]`` exactly as PyTorch bilinear, align_corners=False."""
-    return resize_axis(resize_axis(x, int(size[0]), 1), int(size[1]), 2)
+    """Resize ``[B, H, W, C]`` to ``[B, *size, C]`` exactly as PyTorch bilinear, align_corners=False.
+    Float32 on CPUs with the compiled kernels: one kernel (``ops/resize.py``) computing the same weighted
+    sums, H then W."""
+    size = (int(size[0]), int(size[1]))
+    if x.shape[1:3] == size:
+        return x
+    if x.ndim == 4 and library.use_native(x.dtype):
+        return kernel_resize(x, (_kernel_tables(x.shape[1], size[0]), _kernel_tables(x.shape[2], size[1])))
+    return resize_axis(resize_axis(x, size[0], 1), size[1], 2)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -12,6 +12,10 @@
 // 3. The optimiser step over every parameter at once (SGD with momentum and coupled weight decay, or
 //    AdamW, optax's formulas operation for operation) and the gradient norm: XLA compiles three to five
 //    small kernels per parameter tensor for these (about 4,000 of the W18 train step's 7,000).
+// 4. Bilinear resizes of NHWC float32 maps by static tables (models/resize.py computes PyTorch's source
+//    indices and weights), and their transposes: XLA builds each from padded, shifted slices, hundreds of
+//    small kernels per train step.
+// 5. A fusion barrier that aliases its operand (ops/fence.py).
 //
 // Layouts are the model's: activations NHWC, kernels HWIO, float32, all row-major (XLA's default layout
 // of a custom call's operands). Attributes: strides (sh, sw) and explicit padding (top, bottom, left,
@@ -493,6 +497,101 @@ ffi::Error Identity(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HrdIdentity, Identity,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------------
+// Bilinear resize [N, H, W, C] -> [N, OH, OW, C] along H, then W: out[o] = w0[o] * in[i0[o]] + w1[o] *
+// in[i1[o]] per axis (the tables of models/resize.py: w0 = 1 - lam, w1 = lam). The transpose adds each
+// output's weighted value back into its two sources, outputs in order (deterministic).
+// ---------------------------------------------------------------------------------------------------
+
+struct Tables {
+  ffi::Span<const int64_t> i0h, i1h, i0w, i1w;
+  ffi::Span<const float> w0h, w1h, w0w, w1w;
+};
+
+ffi::Error Resize(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y, ffi::Span<const int64_t> i0h,
+                  ffi::Span<const int64_t> i1h, ffi::Span<const float> w0h, ffi::Span<const float> w1h,
+                  ffi::Span<const int64_t> i0w, ffi::Span<const int64_t> i1w, ffi::Span<const float> w0w,
+                  ffi::Span<const float> w1w) {
+  auto d = x.dimensions();
+  const int64_t n = d[0], h = d[1], w = d[2], c = d[3];
+  const int64_t oh = static_cast<int64_t>(i0h.size()), ow = static_cast<int64_t>(i0w.size());
+  const float* in = x.typed_data();
+  float* out = y->typed_data();
+  std::vector<float> row(w * c);                       // one output row resized along H, all of W
+  for (int64_t b = 0; b < n; ++b) {
+    const float* img = in + b * h * w * c;
+    for (int64_t o = 0; o < oh; ++o) {
+      const float* r0 = img + i0h[o] * w * c;
+      const float* r1 = img + i1h[o] * w * c;
+      const float a = w0h[o], bw = w1h[o];
+      for (int64_t k = 0; k < w * c; ++k) row[k] = r0[k] * a + r1[k] * bw;
+      float* dst = out + (b * oh + o) * ow * c;
+      for (int64_t q = 0; q < ow; ++q) {
+        const float* p0 = row.data() + i0w[q] * c;
+        const float* p1 = row.data() + i1w[q] * c;
+        const float a2 = w0w[q], b2 = w1w[q];
+        for (int64_t k = 0; k < c; ++k) dst[q * c + k] = p0[k] * a2 + p1[k] * b2;
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error ResizeTranspose(ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
+                           ffi::Span<const int64_t> i0h, ffi::Span<const int64_t> i1h,
+                           ffi::Span<const float> w0h, ffi::Span<const float> w1h, ffi::Span<const int64_t> i0w,
+                           ffi::Span<const int64_t> i1w, ffi::Span<const float> w0w,
+                           ffi::Span<const float> w1w) {
+  auto d = dx->dimensions();
+  const int64_t n = d[0], h = d[1], w = d[2], c = d[3];
+  const int64_t oh = static_cast<int64_t>(i0h.size()), ow = static_cast<int64_t>(i0w.size());
+  const float* g = dy.typed_data();
+  float* out = dx->typed_data();
+  std::fill(out, out + n * h * w * c, 0.0f);
+  std::vector<float> row(w * c);
+  for (int64_t b = 0; b < n; ++b) {
+    float* img = out + b * h * w * c;
+    for (int64_t o = 0; o < oh; ++o) {
+      std::fill(row.begin(), row.end(), 0.0f);         // the W transpose of output row o
+      const float* src = g + (b * oh + o) * ow * c;
+      for (int64_t q = 0; q < ow; ++q) {
+        float* p0 = row.data() + i0w[q] * c;
+        float* p1 = row.data() + i1w[q] * c;
+        const float a2 = w0w[q], b2 = w1w[q];
+        for (int64_t k = 0; k < c; ++k) {
+          p0[k] += src[q * c + k] * a2;
+          p1[k] += src[q * c + k] * b2;
+        }
+      }
+      float* r0 = img + i0h[o] * w * c;
+      float* r1 = img + i1h[o] * w * c;
+      const float a = w0h[o], bw = w1h[o];
+      for (int64_t k = 0; k < w * c; ++k) {
+        r0[k] += row[k] * a;
+        r1[k] += row[k] * bw;
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+#define RESIZE_ATTRS                                                                                    \
+  .Attr<ffi::Span<const int64_t>>("i0h").Attr<ffi::Span<const int64_t>>("i1h")                          \
+      .Attr<ffi::Span<const float>>("w0h").Attr<ffi::Span<const float>>("w1h")                          \
+      .Attr<ffi::Span<const int64_t>>("i0w").Attr<ffi::Span<const int64_t>>("i1w")                      \
+      .Attr<ffi::Span<const float>>("w0w").Attr<ffi::Span<const float>>("w1w")
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HrdResize, Resize,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()
+                                  RESIZE_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(HrdResizeTranspose, ResizeTranspose,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()
+                                  RESIZE_ATTRS);
 
 // Which oneDNN implementation a shape gets (for diagnostics: a "ref" kernel would be slow).
 extern "C" const char* hrd_conv_impl(int kind, const int64_t* d) {

@@ -38,7 +38,7 @@ TARGETS = {   # FFI target name -> exported handler symbol
     "hrd_conv_fwd": "HrdConvForward", "hrd_conv_bwd_data": "HrdConvBackwardData",
     "hrd_conv_bwd_weights": "HrdConvBackwardWeights", "hrd_bn_moments": "HrdBnMoments",
     "hrd_bn_grad_sums": "HrdBnGradSums", "hrd_sgd_step": "HrdSgdStep", "hrd_adamw_step": "HrdAdamwStep",
-    "hrd_identity": "HrdIdentity",
+    "hrd_identity": "HrdIdentity", "hrd_resize": "HrdResize", "hrd_resize_transpose": "HrdResizeTranspose",
 }
 _ONEDNN_DISTS = ("onednn-cpu-gomp", "onednn-devel-cpu-gomp")
 
