@@ -66,10 +66,12 @@ def _native_bwd(eps, momentum, res, cotangents):
     c = x.shape[-1]
     m = x.size // c
     stat = jax.ShapeDtypeStruct((c,), jnp.float32)
-    sum_dy, sum_dy_xmu = jax.ffi.ffi_call("hrd_bn_grad_sums", (stat, stat))(dy, x, mean)
+    # The scale's gradient (sum dy * (x - mean) * rstd) comes out of the kernel too: one XLA kernel fewer
+    # per layer (about 300 in the W18 train step, compile time).
+    sum_dy, sum_dy_xmu, grad_scale = jax.ffi.ffi_call("hrd_bn_grad_sums", (stat, stat, stat))(dy, x, mean, rstd)
     dx = (scale * rstd) * (dy - sum_dy / m - (x - mean) * (rstd * rstd) * (sum_dy_xmu / m))
     zeros = jnp.zeros((c,), jnp.float32)
-    return dx, sum_dy_xmu * rstd, sum_dy, zeros, zeros
+    return dx, grad_scale, sum_dy, zeros, zeros
 
 
 _native.defvjp(_native_fwd, _native_bwd)

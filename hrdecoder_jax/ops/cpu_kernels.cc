@@ -320,7 +320,8 @@ ffi::Error Moments(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> running_mean, 
 
 // sum_dy[c] = sum_m dy[m, c];  sum_dy_xmu[c] = sum_m dy[m, c] * (x[m, c] - mean[c]).
 ffi::Error GradSums(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mean,
-                    ffi::ResultBuffer<ffi::F32> sum_dy, ffi::ResultBuffer<ffi::F32> sum_dy_xmu) {
+                    ffi::Buffer<ffi::F32> rstd, ffi::ResultBuffer<ffi::F32> sum_dy,
+                    ffi::ResultBuffer<ffi::F32> sum_dy_xmu, ffi::ResultBuffer<ffi::F32> grad_scale) {
   auto dims = x.dimensions();
   const int64_t c = dims[dims.size() - 1];
   const int64_t m = c ? x.element_count() / c : 0;
@@ -348,9 +349,12 @@ ffi::Error GradSums(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> x, ffi::Buff
   }
   float* o1 = sum_dy->typed_data();
   float* o2 = sum_dy_xmu->typed_data();
+  float* o3 = grad_scale->typed_data();
+  const float* r = rstd.typed_data();
   for (int64_t j = 0; j < c; ++j) {
     o1[j] = static_cast<float>(s1[j]);
     o2[j] = static_cast<float>(s2[j]);
+    o3[j] = static_cast<float>(s2[j] * static_cast<double>(r[j]));   // d scale = sum dy * (x - mean) * rstd
   }
   return ffi::Error::Success();
 }
@@ -365,7 +369,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(HrdBnMoments, Moments,
                                   .Attr<float>("one_minus_momentum").Attr<float>("unbias"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HrdBnGradSums, GradSums,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 namespace {
