@@ -50,6 +50,12 @@ def default_root() -> str:
     return os.environ.get(ENV) or os.path.join(tempfile.gettempdir(), "hrdecoder-original")
 
 
+def interpreter(root: str | None = None) -> str:
+    """The Python of the environment setup_original.sh made in ``root`` (for tools that run under this
+    project's interpreter and start the original as a subprocess)."""
+    return os.path.join(os.path.abspath(root or default_root()), "venv", "bin", "python")
+
+
 def activate(root: str | None = None) -> str:
     """Make the original importable from ``root`` (the folder setup_original.sh filled); returns its source
     folder. Idempotent; a second call with another root is an error (one original per process)."""
