@@ -20,11 +20,12 @@ def _window_field_forward(field, proj):
 
 
 def _windows(h, w, ch, cw, sh, sw):
-    """mmseg's slide rule, written out independently (last windows shifted inward)."""
-    for i in range(max(h - ch + sh - 1, 0) // sh + 1):
-        for j in range(max(w - cw + sw - 1, 0) // sw + 1):
-            y2, x2 = min(i * sh + ch, h), min(j * sw + cw, w)
-            yield max(y2 - ch, 0), y2, max(x2 - cw, 0), x2
+    """mmseg's slide boxes by the grid's definition (not the code's grid-count formula): along each axis one
+    window every stride until one reaches the border, that last one moved back to end at the border."""
+    def spans(n, c, s):
+        starts = range(0, n - c, s)                              # the windows that stop short of the border
+        return [(a, a + c) for a in starts] + [(max(n - c, 0), n)]
+    return [(y1, y2, x1, x2) for y1, y2 in spans(h, ch, sh) for x1, x2 in spans(w, cw, sw)]
 
 
 def _monai_importance_map(patch_size, sigma_scale):

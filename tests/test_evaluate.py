@@ -90,16 +90,33 @@ def test_converted_checkpoint_reproduces_reference_fused_logits(restored, fixtur
     assert rel < 2e-5, rel
 
 
+def _axis_spans(n, c, s):
+    """Windows of ``c`` along an axis of ``n`` by the slide grid's definition, not by the grid-count formula
+    the code uses: one every ``s`` from 0 until a window reaches the far border; that last one is moved back
+    to end at the border (an axis shorter than the window: one span, the whole axis)."""
+    spans, start = [], 0
+    while start + c < n:
+        spans.append((start, start + c))
+        start += s
+    return spans + [(max(n - c, 0), n)]
+
+
 def _reference_windows(h, w, ch, cw, sh, sw):
-    """mmseg ``slide_inference``'s loop, written out independently."""
-    h_grids = max(h - ch + sh - 1, 0) // sh + 1
-    w_grids = max(w - cw + sw - 1, 0) // sw + 1
-    for i in range(h_grids):
-        for j in range(w_grids):
-            y1, x1 = i * sh, j * sw
-            y2, x2 = min(y1 + ch, h), min(x1 + cw, w)
-            y1, x1 = max(y2 - ch, 0), max(x2 - cw, 0)
-            yield y1, y2, x1, x2
+    """mmseg ``slide_inference``'s boxes ``(y1, y2, x1, x2)``, row-major (rows outer)."""
+    return [(y1, y2, x1, x2) for y1, y2 in _axis_spans(h, ch, sh) for x1, x2 in _axis_spans(w, cw, sw)]
+
+
+def test_reference_windows_by_hand():
+    """The oracle on cases worked out by hand (the last three from SPEC's outer slide and mmseg's rule)."""
+    assert _axis_spans(6, 4, 2) == [(0, 4), (2, 6)]
+    assert _axis_spans(9, 4, 3) == [(0, 4), (3, 7), (5, 9)]             # 6 -> 5: shifted inward
+    assert _axis_spans(8, 4, 2) == [(0, 4), (2, 6), (4, 8)]             # the last one fits exactly
+    assert _axis_spans(8, 4, 4) == [(0, 4), (4, 8)]
+    assert _axis_spans(4, 4, 2) == [(0, 4)]
+    assert _axis_spans(3, 4, 2) == [(0, 3)]                             # shorter than the window
+    assert _reference_windows(1920, 2880, 1920, 1920, 960, 960) == [(0, 1920, 0, 1920), (0, 1920, 960, 2880)]
+    assert _reference_windows(1920, 1920, 960, 960, 960, 960) == [
+        (0, 960, 0, 960), (0, 960, 960, 1920), (960, 1920, 0, 960), (960, 1920, 960, 1920)]
 
 
 def test_slide_inference_averages_overlapping_window_logits():

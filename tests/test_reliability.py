@@ -824,7 +824,7 @@ def test_the_readme_same_training_command_runs_in_a_fresh_clone(tmp_path):
     before naming it). ``--only report`` stops before training anything."""
     out = tmp_path / "runs" / "same"
     result = subprocess.run([sys.executable, "launch/reference/same_training.py", "--reference-python", "REF_VENV/bin/python",
-                             "--reference-harness", "shared/reference", "--out", str(out), "--only", "report"],
+                             "--out", str(out), "--only", "report"],
                             capture_output=True, text=True, timeout=900, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "no report" in result.stdout

@@ -6,7 +6,7 @@ import pathlib
 import signal
 import subprocess
 import sys
-import time
+import threading
 
 import jax
 import numpy as np
@@ -225,14 +225,22 @@ def signal_running_training(cfg_file, workdir, sig) -> tuple[int, str]:
     proc = subprocess.Popen([sys.executable, "-m", "hrdecoder_jax.train", f"--config={cfg_file}",
                              f"--workdir={workdir}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    deadline = time.time() + 400
-    for line in proc.stdout:                       # wait until training runs
-        if line.startswith("[train] step 2/"):
-            break
-        assert time.time() < deadline, "training did not start"
-    proc.send_signal(sig)
-    rest = proc.stdout.read()
-    return proc.wait(timeout=300), rest
+    # A silent hang (no output, no exit) blocks the reads below; a timer kills the process instead, which
+    # ends them (end of file) and fails the test, rather than hanging the suite.
+    killer = threading.Timer(400, proc.kill)
+    killer.start()
+    try:
+        started = any(line.startswith("[train] step 2/") for line in proc.stdout)   # stops at the first match
+        assert started, "training did not reach step 2 within 400 s (or exited)"
+        killer.cancel()
+        killer = threading.Timer(300, proc.kill)    # the signal's handling: save, then exit
+        killer.start()
+        proc.send_signal(sig)
+        rest = proc.stdout.read()
+        return proc.wait(timeout=10), rest
+    finally:
+        killer.cancel()
+        proc.kill()                                 # no-op once it has exited
 
 
 def test_sigterm_saves_and_exits(tmp_path):

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """The original's side of the full-size prediction row of ``side_by_side.py``: one IDRiD-size photograph
 (4288 x 2848) through the original HRDecoder's test path, timed by stage, with the process's peak memory.
-Prints one JSON line. Run with the original's interpreter (the environment the reference harness uses):
+Prints one JSON line. Run with the original's interpreter (the environment ``setup_original.sh`` builds):
 
-  REF_VENV/bin/python launch/reference/full_size_original.py --reference-harness PATH/TO/ref_hrdecoder.py \\
+  $HRD_ORIGINAL/venv/bin/python launch/reference/full_size_original.py [--original DIR] \\
       [--width 48] [--repeats 2] [--threads N]
 
-The model is built by the harness from the original repository's IDRiD config
+The model is built by ``original.py`` (beside this file) from the original repository's IDRiD config
 (``hrdecoder_fcn_hr48_idrid_2880x1920-slide``: slide 1920 / stride 960, hr_scale 960, sigmoid), random
 weights. The stages are the config's test pipeline (``mmcv.imresize`` to 2880 x 1920, bilinear, and
 ``mmcv.imnormalize``), then the segmentor's ``inference(img, img_meta, rescale=True)``: its
@@ -18,13 +18,14 @@ through wrappers around the methods (no change to what runs). A development tool
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
 import statistics
 import sys
 import time
+
+import original
 
 
 def _peak_rss_mib() -> float:
@@ -48,27 +49,25 @@ def _photo(h: int, w: int, seed: int = 0):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reference-harness", required=True, help="path of ref_hrdecoder.py")
+    p.add_argument("--original", default=None, help="the folder setup_original.sh made (default: $HRD_ORIGINAL)")
     p.add_argument("--width", type=int, default=48, choices=[18, 48])
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
 
-    spec = importlib.util.spec_from_file_location("ref_hrdecoder", os.path.abspath(args.reference_harness))
-    ref = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ref)                    # sets up the original repository's paths, imports torch
+    original.activate(args.original)                # the original's source on sys.path
     import mmcv
     import numpy as np
     import torch
 
     torch.set_num_threads(args.threads)
-    cfg = ref.build_cfg(args.width, (960, 960), 2)
-    model = ref.build_model(cfg, 0)
+    cfg = original.load_config("hrdecoder", args.width, hr_scale=960, crop_num=2)
+    model = original.build(cfg, 0)
     model.eval()
     test_cfg = dict(model.test_cfg)
     scale = (2880, 1920)                                        # (W, H), the config's img_scale
     photo = _photo(2848, 4288)
-    mean, std = np.array(ref.IDRID_MEAN, np.float32), np.array(ref.IDRID_STD, np.float32)
+    mean, std = np.array(original.IDRID_MEAN, np.float32), np.array(original.IDRID_STD, np.float32)
 
     windows = []
     encode_decode = model.encode_decode

@@ -4,8 +4,10 @@
 A development tool beside the project (the package never imports it or the original). Run with this
 project's interpreter; the original runs as a subprocess of its own interpreter:
 
-  python launch/reference/same_training.py --reference-python REF_VENV/bin/python \\
-      --reference-harness ../shared/reference --out runs/same [--seeds 0,1,2] [--iters 600]
+  python launch/reference/same_training.py [--original DIR] --out runs/same [--seeds 0,1,2] [--iters 600]
+
+``DIR`` (default ``$HRD_ORIGINAL``) is the folder ``setup_original.sh`` made: the original's source and its
+environment, whose interpreter runs ``train_reference.py``.
 
 1. writes the synthetic fundus dataset (48 train / 16 test, 512 x 512) once, in the reference
    repository's layout (``python -m hrdecoder_jax.tools.write_layout --layout mmseg-png``);
@@ -34,6 +36,8 @@ import subprocess
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "launch" / "reference"))    # loaded by path too (the docs' command test)
+import original  # noqa: E402  (launch/reference/original.py: only its path helpers run in this process)
 LESIONS = ("EX", "HE", "SE", "MA")
 IMPLS = ("original", "hrdecoder-jax")
 
@@ -50,8 +54,7 @@ def train_original(args, data: pathlib.Path, seed: int) -> pathlib.Path:
     work = pathlib.Path(args.out) / "original" / f"seed{seed}"
     if not (work / "final_metrics.json").exists():
         work.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pathlib.Path(args.reference_harness).resolve()),
-                                                           os.environ.get("PYTHONPATH", "")]))
+        env = dict(os.environ, HRD_ORIGINAL=args.original)
         run([args.reference_python, REPO / "launch" / "reference" / "train_reference.py", "--data", data,
              "--work-dir", work, "--seed", seed, "--iters", args.iters, "--eval-every", args.eval_every,
              "--log-every", args.log_every], work / "stdout.log", env=env)
@@ -164,8 +167,10 @@ def plot(runs: dict, path: pathlib.Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reference-python", required=True, help="the original's interpreter (setup_ref.sh's venv)")
-    p.add_argument("--reference-harness", required=True, help="the folder of ref_hrdecoder.py (../shared/reference)")
+    p.add_argument("--original", default=None, help="the folder setup_original.sh made (default: $HRD_ORIGINAL, "
+                   "else <temp dir>/hrdecoder-original)")
+    p.add_argument("--reference-python", default=None, help="the original's interpreter (default: the "
+                   "environment in --original)")
     p.add_argument("--out", default="runs/same")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--iters", type=int, default=600)
@@ -178,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.original = os.path.abspath(args.original or original.default_root())
+    args.reference_python = args.reference_python or original.interpreter(args.original)
     out = pathlib.Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)        # a fresh clone has no runs/ yet
     args.out = str(out)

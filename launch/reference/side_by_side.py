@@ -2,12 +2,12 @@
 """Time hrdecoder-jax against the original PyTorch HRDecoder in one run, interleaved, and print the ratios.
 
 A development tool (never imported by the package): ours runs as ``python -m hrdecoder_jax.benchmark``,
-theirs through the reference harness ``ref_hrdecoder.py --mode time`` with the original's interpreter.
+theirs through ``original.py time`` (beside this file) with the original's interpreter, the environment
+``setup_original.sh`` builds in ``$HRD_ORIGINAL`` (or ``--original DIR``).
 Rounds alternate ours / theirs for every row, so both see the same machine load; each process reports the
 median of its timed repetitions after its warm-up, and the table gives the median over rounds.
 
-  python launch/reference/side_by_side.py --reference-python REF_VENV/bin/python \\
-      --reference-harness PATH/TO/ref_hrdecoder.py [--rows w18_infer,w18_train,w18_train_b4,...]
+  python launch/reference/side_by_side.py [--original DIR] [--rows w18_infer,w18_train,w18_train_b4,...]
       [--rounds 3] [--repeats 5] [--json out.json]
 
 Rows (HRDecoder, float32, ``--threads`` for PyTorch; JAX uses every core of the machine); ``_bN`` sets the
@@ -34,6 +34,8 @@ import subprocess
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "launch" / "reference"))    # loaded by path too (the docs' command test)
+import original  # noqa: E402  (launch/reference/original.py: only its path helpers run in this process)
 ROWS = {
     "infer": dict(ours=["--what", "infer", "--image_size", "1024,1024", "--hr_scale", "512"],
                   theirs=["--what", "infer", "--size", "1024", "--hr-scale", "512"],
@@ -48,6 +50,7 @@ ROWS = {
 }
 DEPLOY_BENCH = REPO / "launch" / "reference" / "deploy_bench.py"
 FULL_SIZE_ORIGINAL = REPO / "launch" / "reference" / "full_size_original.py"
+ORIGINAL = REPO / "launch" / "reference" / "original.py"
 
 
 def _last_json(text: str, what: str | None = None) -> dict:
@@ -96,23 +99,26 @@ def run_ours(width: int, kind: str, repeats: int, batch: int = 1) -> dict:
     return _last_json(out.stdout)
 
 
-def run_theirs(python: str, harness: str, width: int, kind: str, repeats: int, threads: int,
+def run_theirs(python: str, root: str, width: int, kind: str, repeats: int, threads: int,
                batch: int = 1) -> dict:
     if kind == "fullsize":
-        cmd = [python, "-W", "ignore", str(FULL_SIZE_ORIGINAL), "--reference-harness", os.path.abspath(harness),
+        cmd = [python, "-W", "ignore", str(FULL_SIZE_ORIGINAL), "--original", root,
                "--width", str(width), "--repeats", str(repeats), "--threads", str(threads)]
         out = _run(cmd, REPO)
         return _last_json(out.stdout, "fullsize")
-    cmd = [python, "-W", "ignore", harness, "--mode", "time", "--width", str(width), "--warmup", "2",
-           "--runs", str(repeats), "--threads", str(threads), "--batch", str(batch), *ROWS[kind]["theirs"]]
-    out = _run(cmd, os.path.dirname(os.path.abspath(harness)))
+    cmd = [python, "-W", "ignore", str(ORIGINAL), "--original", root, "--threads", str(threads), "time",
+           "--width", str(width), "--warmup", "2", "--runs", str(repeats), "--batch", str(batch),
+           *ROWS[kind]["theirs"]]
+    out = _run(cmd, REPO)
     return _last_json(out.stdout, ROWS[kind]["their_what"])
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reference-python", required=True, help="interpreter of the original code's environment")
-    p.add_argument("--reference-harness", required=True, help="path of ref_hrdecoder.py")
+    p.add_argument("--original", default=None, help="the folder setup_original.sh made (default: $HRD_ORIGINAL, "
+                   "else <temp dir>/hrdecoder-original)")
+    p.add_argument("--reference-python", default=None, help="the original's interpreter (default: the "
+                   "environment in --original)")
     p.add_argument("--rows", default="w18_infer,w48_infer,w18_train,w18_train_b4,w48_train,w48_train_b4")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per process")
@@ -122,7 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    root = os.path.abspath(args.original or original.default_root())
+    python = args.reference_python or original.interpreter(root)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     for r in rows:
         try:
@@ -136,8 +145,7 @@ def main(argv=None) -> int:
         for r in rows:
             width, kind, batch = parse_row(r)
             ours_json = run_ours(width, kind, args.repeats, batch)
-            theirs_json = run_theirs(args.reference_python, args.reference_harness, width, kind, args.repeats,
-                                     args.threads, batch)
+            theirs_json = run_theirs(python, root, width, kind, args.repeats, args.threads, batch)
             ours, theirs = ours_json[ROWS[kind]["our_key"]], theirs_json["median_s"]
             for key, v in (("ours", ours), ("theirs", theirs), ("ours_json", ours_json), ("theirs_json", theirs_json)):
                 times[r][key].append(v)

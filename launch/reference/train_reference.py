@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Train the ORIGINAL HRDecoder with its own mmseg/mmcv machinery on a CPU, on files in its dataset layout.
 
-A development tool beside the project (never imported by it), run with the original code's interpreter
-and the reference harness folder on ``PYTHONPATH`` (it sets up the original repository's import path):
+A development tool beside the project (never imported by it), run with the original's interpreter, the
+environment ``setup_original.sh`` builds in ``$HRD_ORIGINAL`` (``original.py`` beside this file puts the
+original's source on the import path):
 
-  REF_PYTHON launch/reference/train_reference.py --data DIR --work-dir OUT --seed 0 [--iters 1500]
+  $HRD_ORIGINAL/venv/bin/python launch/reference/train_reference.py --data DIR --work-dir OUT --seed 0 [--iters 1500]
 
 ``DIR`` is a dataset in the reference repository's layout (``images/{train,test}/*.jpg``,
 ``labels/{train,test}/*.png`` fused labels 0..4), e.g. written by
@@ -29,7 +30,10 @@ import os
 import os.path as osp
 import time
 
-import ref_hrdecoder as R  # noqa: F401  (puts the original repository and its stubs on sys.path)
+import original
+
+# The original's source and stand-ins on sys.path (from $HRD_ORIGINAL) before anything of it is imported.
+ORIGINAL_SRC = original.activate()
 import mmcv
 import numpy as np
 import torch
@@ -75,7 +79,7 @@ class LesionEvalHook(EvalHook):
 
 
 def build_config(args):
-    cfg = Config.fromfile(osp.join(R.REPO, CONFIG))
+    cfg = Config.fromfile(osp.join(ORIGINAL_SRC, CONFIG))
     m = cfg.model
     m.pretrained = None
     bn = dict(type='BN', requires_grad=True)
