@@ -14,6 +14,8 @@ from typing import Any, Mapping, Sequence
 
 import ml_collections
 
+from hrdecoder_jax.errors import ExpectedError
+
 # model.test_cfg.weighting: how overlapping slide windows are averaged. "uniform" is the reference's plain
 # mean (the paper's protocol); "gaussian" weights each window by MONAI's importance map (a Gaussian centred
 # on the window, sigma = sigma_scale * window size). The defaults live here and nowhere else.
@@ -105,7 +107,7 @@ def field(cfg, key: str, default=None):
     return default if value is None else value
 
 
-class ConfigError(ValueError):
+class ConfigError(ExpectedError, ValueError):
     """An invalid setting; the message names the field and says why."""
 
 

@@ -34,7 +34,7 @@ def load_config(path=TINY):
 
 def reference_model(config, fixtures_dir):
     """The tiny model with the reference weights (state_dict .npz), in eval mode."""
-    from hrdecoder_jax.convert import load_torch_weights
+    from hrdecoder_jax.weights import load_torch_weights
 
     model = nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(0)))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nnx.state(model))
@@ -146,8 +146,8 @@ def test_slide_inference_averages_overlapping_window_logits():
 
 
 def test_evaluate_streams_and_matches_direct_metrics(restored, tiny_config, tmp_path):
-    from hrdecoder_jax.data.pipeline import make_eval_dataset
     from hrdecoder_jax.data import open_split
+    from hrdecoder_jax.data.pipeline import make_eval_dataset
     from hrdecoder_jax.evaluate import write_outputs
     from hrdecoder_jax.evaluation import evaluate
     from hrdecoder_jax.inference import inference, probabilities

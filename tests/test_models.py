@@ -11,9 +11,9 @@ import pytest
 from flax import nnx
 
 from hrdecoder_jax import config_utils
-from hrdecoder_jax.convert import WeightImportError, load_torch_weights, read_state_dict
 from hrdecoder_jax.models import build_model, count_params, draw_crop_boxes, slide_windows
 from hrdecoder_jax.models.resize import crop_resize_bilinear, resize_bilinear, upsample_to_box
+from hrdecoder_jax.weights import WeightImportError, load_torch_weights, read_state_dict
 
 STATE_NPZ = "tiny_w18_256_hr128_seed0_state_dict.npz"
 STATE_PTH = "tiny_w18_256_hr128_seed0_state_dict.pth"

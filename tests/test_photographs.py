@@ -47,7 +47,7 @@ def photos(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, fixtures_dir):
-    from hrdecoder_jax.convert import load_torch_weights
+    from hrdecoder_jax.weights import load_torch_weights
 
     config = cli.load_config(TINY)
     model = nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(0)))
