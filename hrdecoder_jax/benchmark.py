@@ -32,7 +32,6 @@ one of the two functions (the train step's compilation is the slow one). Example
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import sys
@@ -294,7 +293,7 @@ def run_benchmark(config: ml_collections.ConfigDict, what: Sequence[str] = DEFAU
             traces.append(1)
             return step_fn(*args)
 
-        from hrdecoder_jax.data import on_device   # the trainer's device-side end of the input pipeline
+        from hrdecoder_jax.data import on_device  # the trainer's device-side end of the input pipeline
 
         step_fn = make_train_step(structure, tx, seed=config.seed, finish=on_device.make_finish(config.data))
         mesh = make_mesh(jax.devices()[:1])                            # one device: the per-device cost

@@ -31,8 +31,8 @@ import numpy as np
 from hrdecoder_jax import LESIONS, __version__
 from hrdecoder_jax.config_utils import field, window_weighting
 from hrdecoder_jax.ops import library
-from hrdecoder_jax.workdir import write_file
 from hrdecoder_jax.serving import FORMAT_VERSION, MANIFEST, ONNX_FILE, STABLEHLO_FILE
+from hrdecoder_jax.workdir import write_file
 
 FORMATS = ("stablehlo", "onnx")
 INPUT_NAME, OUTPUT_NAMES = "images", ("probabilities", "logits")

@@ -22,7 +22,6 @@ import numpy as np
 from hrdecoder_jax.config_utils import field
 
 
-
 def _label_of(batch: dict) -> np.ndarray:
     """``[H, W]`` int32 fused label of a ``make_eval_dataset`` element (``label`` or multilabel ``masks``)."""
     if "label" in batch:

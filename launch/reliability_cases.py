@@ -96,7 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
 def round_two(c: Cases, root: pathlib.Path, copy_run, conv, from_tiny: pathlib.Path) -> None:
     """The cases of the second audit (issue 19)."""
     import json
-    import zipfile
 
     from PIL import Image
 

@@ -7,9 +7,8 @@ import zipfile
 
 import numpy as np
 import pytest
-from PIL import Image
-
 import tensorflow_datasets as tfds
+from PIL import Image
 
 import hrdecoder_jax.data as D
 from hrdecoder_jax.data import manual as M

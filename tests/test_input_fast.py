@@ -17,8 +17,7 @@ import pytest
 import tensorflow as tf
 
 import make_pipeline_fixture as M
-from hrdecoder_jax.data import augment, on_device
-from hrdecoder_jax.data import pipeline as P
+from hrdecoder_jax.data import augment, on_device, pipeline as P
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "pipeline_train_transform.npz")
 

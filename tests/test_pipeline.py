@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from hrdecoder_jax.data import augment
-from hrdecoder_jax.data import pipeline as P
+from hrdecoder_jax.data import augment, pipeline as P
 
 H, W, N = 48, 64, 6  # tiny images; 6 examples so a few steps cross epoch boundaries
 CROP = 32

@@ -21,7 +21,7 @@ import pytest
 
 from hrdecoder_jax import checkpoint, config_utils
 from hrdecoder_jax.train import train_and_evaluate
-from hrdecoder_jax.workdir import WorkdirError, WorkdirLock
+from hrdecoder_jax.workdir import WorkdirLock
 from test_train import shrunk_synthetic_config, signal_running_training
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -405,6 +405,7 @@ def test_a_resume_with_another_width_moves_nothing_and_the_right_config_resumes(
     assert isinstance(e.value, checkpoint.CheckpointMismatchError)
     # Without the config record (the Python API): the shapes, before any array is read, naming the parameter.
     from flax import nnx
+
     from hrdecoder_jax.models import build_model
     model = nnx.eval_shape(lambda: build_model(wide.model, rngs=nnx.Rngs(0)))
     with pytest.raises(checkpoint.CheckpointMismatchError,

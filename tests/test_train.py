@@ -86,6 +86,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
     assert [v["step"] for v in vals] == [2, 4] and all(0 <= v["mIoU"] <= 1 for v in vals)
     # The checkpoint written from 4 devices restores onto one (a fresh model lives on a single device).
     from flax import nnx
+
     from hrdecoder_jax import checkpoint
     from hrdecoder_jax.models import build_model
     model = build_model(config.model, rngs=nnx.Rngs(123))
@@ -158,6 +159,7 @@ def test_workdir_check_is_safe_when_processes_share_the_workdir(tmp_path):
     probe file one process could delete another's probe and exit (a CI failure of the 2-process test).
     Four threads x 300 checks: the shared-name version failed dozens of times here."""
     import threading
+
     from hrdecoder_jax.workdir import WorkdirError, check_writable
     errors = []
 

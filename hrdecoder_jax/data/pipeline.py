@@ -52,10 +52,17 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 
-from hrdecoder_jax.data import augment  # noqa: E402
 # The data settings are plain config (no TensorFlow): they live in config_utils, re-exported here.
-from hrdecoder_jax.config_utils import (DDR_MEAN, DDR_STD, IDRID_MEAN, IDRID_STD,  # noqa: E402,F401
-                                        LABEL_MODES, ddr_data_config, default_data_config)
+from hrdecoder_jax.config_utils import (  # noqa: E402,F401
+    DDR_MEAN,
+    DDR_STD,
+    IDRID_MEAN,
+    IDRID_STD,
+    LABEL_MODES,
+    ddr_data_config,
+    default_data_config,
+)
+from hrdecoder_jax.data import augment  # noqa: E402
 
 # Constants folded into the user seed so the epoch permutations and the augmentations draw from
 # unrelated streams even for the same (seed, counter).

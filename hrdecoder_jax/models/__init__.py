@@ -11,9 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hrdecoder_jax.config_utils import ConfigError
-
-from hrdecoder_jax.models.hrnet import HRNet
 from hrdecoder_jax.models.head import FCNHead
+from hrdecoder_jax.models.hrnet import HRNet
 from hrdecoder_jax.models.segmentor import FCNSegmentor, HRDecoder, draw_crop_boxes, slide_windows
 
 SEGMENTORS = {
