@@ -147,3 +147,80 @@ def test_no_module_imports_an_entry_point():
             if entry.search(line):
                 offenders.append(f"{path.relative_to(REPO)}:{i}: {line.strip()}")
     assert offenders == []
+
+
+# The package's floors, ground first: a module imports modules of its own floor or below, never above, and
+# no import circle (at any floor). A name stands for the module and everything under it; the longest match
+# wins (``models.resize`` is ground, the rest of ``models`` a building block).
+FLOORS = [
+    ("ground", ["", "errors", "runtime", "losses", "serving", "models.resize", "ops"]),
+    ("config and files", ["config_utils", "workdir", "weights", "ops.library", "ops.batch_norm", "ops.conv",
+                          "ops.fence"]),
+    ("building blocks", ["data", "models", "metrics", "optim", "train_step"]),
+    ("services", ["inference", "checkpoint", "evaluation", "deploy"]),
+    ("command line", ["cli"]),
+    ("commands", ["train", "evaluate", "predict", "convert", "export", "benchmark", "tools"]),
+    ("experiments", ["experiments"]),
+]
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports (anywhere in the file, lazy imports included), from the source."""
+    import ast
+    root = REPO / "hrdecoder_jax"
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(REPO).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join(parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for a in node.names:
+                    sub = f"{node.module}.{a.name}"
+                    targets.add(sub if sub in modules else node.module)
+        graph[name] = {t for t in targets if t in modules and t != name}
+    return graph
+
+
+def _floor(module: str) -> int:
+    rel = module.removeprefix("hrdecoder_jax").removeprefix(".")
+    best, floor = -1, None
+    for i, (_, names) in enumerate(FLOORS):
+        for n in names:
+            if (rel == n or rel.startswith(n + ".") or n == "") and len(n) > best:
+                best, floor = len(n), i
+    return floor
+
+
+def test_no_import_runs_back_up_a_floor():
+    graph = _import_graph()
+    unplaced = sorted(m for m in graph if _floor(m) is None)
+    assert unplaced == [], "give these modules a floor in FLOORS"
+    upward = [f"{m} ({FLOORS[_floor(m)][0]}) -> {t} ({FLOORS[_floor(t)][0]})"
+              for m, targets in sorted(graph.items()) for t in sorted(targets) if _floor(t) > _floor(m)]
+    assert upward == []
+
+
+def test_no_import_circles():
+    graph = _import_graph()
+    circles, state = [], {}
+
+    def visit(m, path):
+        state[m] = "open"
+        for t in sorted(graph[m]):
+            if state.get(t) == "open":
+                circles.append(" -> ".join(path[path.index(t):] + [t]))
+            elif t not in state:
+                visit(t, path + [t])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert circles == []
