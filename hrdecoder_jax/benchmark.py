@@ -75,12 +75,9 @@ def with_width(model_cfg: ml_collections.ConfigDict, width: int) -> ml_collectio
     num_modules = [extra[f"stage{i}"].num_modules for i in range(1, 5)]
     num_blocks = [extra[f"stage{i}"].num_blocks[0] for i in range(1, 5)]
     m.backbone.extra = config_utils.hrnet_extra(width, num_modules=num_modules, num_blocks=num_blocks)
-    concat = width * 15
+    m.decode_head.in_channels = config_utils.head_in_channels(m)
     if m.type == "FCN":
-        m.decode_head.in_channels = concat
-        m.decode_head.channels = concat
-    elif not (m.type == "EfficientHRDecoder" and m.hr_settings.get("visual_dim")):
-        m.decode_head.in_channels = concat
+        m.decode_head.channels = m.decode_head.in_channels      # the FCN baseline's head is that wide
     return m
 
 

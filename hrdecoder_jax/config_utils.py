@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any, Mapping, Sequence
 
 import ml_collections
@@ -54,10 +55,8 @@ def model_config(*, kind: str = "HRDecoder", width: int = 48, hr_scale=(960, 960
     m.dtype = dtype                    # compute dtype of convolutions; parameters stay float32
     m.backbone = ml_collections.ConfigDict({"type": "HRNet", "extra": hrnet_extra(
         width, num_modules=num_modules, num_blocks=num_blocks)})
-    concat_channels = width * (1 + 2 + 4 + 8)
-    head_in = visual_dim if (kind == "EfficientHRDecoder" and visual_dim) else concat_channels
     m.decode_head = ml_collections.ConfigDict(dict(
-        in_channels=head_in,           # 720 for W48: all branches upsampled and concatenated
+        in_channels=0,                 # set below (head_in_channels): 720 for W48, all branches concatenated
         channels=channels,
         kernel_size=kernel_size,
         num_convs=num_convs,
@@ -84,6 +83,7 @@ def model_config(*, kind: str = "HRDecoder", width: int = 48, hr_scale=(960, 960
         weighting=test_weighting,      # slide windows averaged 'uniform' (reference) or 'gaussian' (MONAI)
         sigma_scale=test_sigma_scale,  # gaussian: sigma = sigma_scale * window size, per axis
     ))
+    m.decode_head.in_channels = head_in_channels(m)
     return m
 
 
@@ -91,10 +91,44 @@ def fcn_baseline_config(*, width: int = 48, **kwargs) -> ml_collections.ConfigDi
     """The paper's FCN baselines (``fcn_hr48_*``): resize-concat head with a 1x1 kernel and
     ``channels`` equal to the concatenated width."""
     m = model_config(kind="FCN", width=width, **kwargs)
-    c = width * 15
-    m.decode_head.update(in_channels=c, channels=c, kernel_size=1, num_convs=1, compress=False)
     m.hr_settings = None
+    c = head_in_channels(m)
+    m.decode_head.update(in_channels=c, channels=c, kernel_size=1, num_convs=1, compress=False)
     return m
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shapes a model section implies: the one definition that the config check and the model both use
+# ----------------------------------------------------------------------------------------------------------
+
+
+def head_in_channels(model) -> int:
+    """The decode head's input width: the Efficient-HRDecoder compressor's ``hr_settings.visual_dim``, or
+    else all HRNet branches upsampled and concatenated (the sum of ``stage4.num_channels``: 15 x width)."""
+    hr = model["hr_settings"]
+    if model["type"] == "EfficientHRDecoder" and hr is not None and hr.get("visual_dim"):
+        return int(hr["visual_dim"])
+    return int(sum(model["backbone"]["extra"]["stage4"]["num_channels"]))
+
+
+def feature_size(hr_scale: Sequence[int]) -> tuple[int, int]:
+    """``lr_feat`` spatial size ``(h, w)``: HRNet's stride-4 branch of an ``hr_scale`` image (ceiling
+    division, as the stride-2 convolutions round up)."""
+    return -(-int(hr_scale[0]) // 4), -(-int(hr_scale[1]) // 4)
+
+
+def max_hr_crop(hr_scale: Sequence[int], scale_ratio: Sequence[float] | None, divisible: int) -> tuple[int, int]:
+    """The largest HR crop side ``(h, w)`` a random draw can give: ``hr_scale`` scaled by less than
+    ``scale_ratio[1]`` and floored to a multiple of ``divisible`` (``hr_scale`` itself without a ratio)."""
+    if not scale_ratio:
+        return tuple(int(s) for s in hr_scale)
+    d, top = int(divisible), scale_ratio[1]
+
+    def largest(s):  # ratio < top strictly: an exact multiple s * top is never reached
+        n = s * top / d
+        return int((math.ceil(n) - 1) * d) if n == int(n) else int(n) * d
+
+    return tuple(largest(s) for s in hr_scale)
 
 
 def field(cfg, key: str, default=None):
@@ -199,16 +233,14 @@ def validate_model_config(model: ml_collections.ConfigDict, train_size: Sequence
     image size ``(H, W)`` of whole-image inference.
     """
     window_weighting(model.test_cfg)
-    extra = model.backbone.extra
-    widths = extra.stage4.num_channels
     head = model.decode_head
+    expected_in = head_in_channels(model)
     if model.type == "FCN":
-        if head.in_channels != sum(widths):
+        if head.in_channels != expected_in:
             raise ConfigError(f"model.decode_head.in_channels={head.in_channels} but the backbone "
-                              f"concatenates {sum(widths)} channels")
+                              f"concatenates {expected_in} channels")
         return
     hr = model.hr_settings
-    expected_in = hr.visual_dim if model.type == "EfficientHRDecoder" else sum(widths)
     if head.in_channels != expected_in:
         raise ConfigError(f"model.decode_head.in_channels={head.in_channels} but the "
                           f"{'compressor' if model.type == 'EfficientHRDecoder' else 'backbone'} gives "
@@ -234,15 +266,13 @@ def validate_model_config(model: ml_collections.ConfigDict, train_size: Sequence
     for name, size in sizes.items():
         if size is None:
             continue
-        for side, s in zip(("height", "width"), size):
-            feat = hr_scale[0 if side == "height" else 1] // 4
+        for side, s, feat in zip(("height", "width"), size, feature_size(hr_scale)):
             if s % feat or (s // feat) and d % (s // feat):
                 raise ConfigError(
                     f"{name}={tuple(size)}: the {side} {s} must be a multiple of the feature size {feat} "
                     f"(hr_scale/4) with a ratio dividing divisible={d}, so boxes map exactly onto the feature grid")
         if hr.scale_ratio is not None:
-            top = max(int(x * hr.scale_ratio[1] // d * d) - (d if x * hr.scale_ratio[1] % d == 0 else 0)
-                      for x in hr_scale)
+            top = max(max_hr_crop(hr_scale, hr.scale_ratio, d))
             if name.startswith("training") and top > min(size):
                 raise ConfigError(f"{name}={tuple(size)} is smaller than the largest HR crop {top} "
                                   "(hr_scale x scale_ratio max)")

@@ -23,7 +23,6 @@ crop size and offsets are traced values: every draw runs through one compiled fu
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hrdecoder_jax import config_utils
 from hrdecoder_jax.config_utils import ConfigError
 from hrdecoder_jax.losses import dice_loss
 from hrdecoder_jax.models.head import FCNHead
@@ -162,7 +162,7 @@ class HRDecoder(nnx.Module):
     @property
     def feature_size(self) -> tuple[int, int]:
         """``lr_feat`` spatial size: HRNet's stride-4 branch of the ``hr_scale`` image."""
-        return -(-self.hr_scale[0] // 4), -(-self.hr_scale[1] // 4)
+        return config_utils.feature_size(self.hr_scale)
 
     def grid(self, image_size: Sequence[int]) -> tuple[int, int]:
         """Image pixels per feature cell; the reference floors ``image // feature``."""
@@ -172,15 +172,7 @@ class HRDecoder(nnx.Module):
     @property
     def max_crop_size(self) -> tuple[int, int]:
         """Largest HR crop side a random draw can give (a fixed canvas for the traced crop)."""
-        if not self.scale_ratio:
-            return self.hr_scale
-        d, top = self.divisible, self.scale_ratio[1]
-
-        def largest(s):  # ratio < top strictly: an exact multiple s * top is never reached
-            n = s * top / d
-            return int((math.ceil(n) - 1) * d) if n == int(n) else int(n) * d
-
-        return tuple(largest(s) for s in self.hr_scale)
+        return config_utils.max_hr_crop(self.hr_scale, self.scale_ratio, self.divisible)
 
     # ------------------------------------------------------------------------------------------------
     # Forward pieces
