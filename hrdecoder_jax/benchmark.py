@@ -282,6 +282,7 @@ def run_benchmark(config: ml_collections.ConfigDict, what: Sequence[str] = DEFAU
     if need_train:
         model.train()
         structure, params, rest = split_for_training(model)      # shapes only for an abstract model
+        config_utils.validate_optimizer_config(config.optimizer)
         tx = make_optimizer(config.optimizer, config.total_steps)
         opt_state = jax.eval_shape(tx.init, params) if not concrete else tx.init(params)
         traces = []

@@ -280,6 +280,10 @@ def validate_model_config(model: ml_collections.ConfigDict, train_size: Sequence
 
 # data.label_mode: the fused reference label (int32 0..4) or the four masks.
 LABEL_MODES = ("overwrite", "multilabel")
+# data.validate_on: the held-out split, or the test split (the reference's checkpoint selection).
+VALIDATE_ON = ("val", "test")
+# optimizer.name (optim.make_optimizer).
+OPTIMIZERS = ("sgd", "adamw")
 
 IDRID_MEAN = (116.513, 56.437, 16.309)
 IDRID_STD = (80.206, 41.232, 13.293)
@@ -443,10 +447,18 @@ def validate_data_config(data: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"data.{name}={tuple(data[name])!r} needs one value per RGB channel")
     if min(data.std) <= 0:
         raise ConfigError(f"data.std={tuple(data.std)} must be positive")
-    if data.validate_on not in ("val", "test"):
-        raise ConfigError(f"data.validate_on must be 'val' or 'test', got {data.validate_on!r}")
-    if data.label_mode not in LABEL_MODES:
-        raise ConfigError(f"data.label_mode must be 'overwrite' or 'multilabel', got {data.label_mode!r}")
+    _check_choice("data.validate_on", data.validate_on, VALIDATE_ON)
+    _check_choice("data.label_mode", data.label_mode, LABEL_MODES)
+
+
+def validate_optimizer_config(opt: ml_collections.ConfigDict) -> None:
+    """The optimiser's name (``make_optimizer`` builds what this lets through). Raises ``ConfigError``."""
+    _check_choice("optimizer.name", opt.name, OPTIMIZERS)
+
+
+def _check_choice(name: str, value, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be {' or '.join(map(repr, choices))}, got {value!r}")
 
 
 SECTIONS = {"model": "config_utils.model_config(...)",
@@ -475,7 +487,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.grad_accum_steps < 1 or config.global_batch_size % config.grad_accum_steps:
         raise ConfigError(f"grad_accum_steps={config.grad_accum_steps} must divide "
                           f"global_batch_size={config.global_batch_size}")
-    if config.optimizer.name not in ("sgd", "adamw"):
-        raise ConfigError(f"optimizer.name must be 'sgd' or 'adamw', got {config.optimizer.name!r}")
+    validate_optimizer_config(config.optimizer)
     w, h = config.data.test_scale
     validate_model_config(config.model, tuple(config.data.crop_size), (h, w))

@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 
 from hrdecoder_jax import LESIONS
-from hrdecoder_jax.config_utils import field
 from hrdecoder_jax.evaluation import evaluate, jsonable  # noqa: F401  (jsonable: part of the API)
 
 PR_COLOURS = {"EX": "#d4a800", "HE": "#d62728", "SE": "#17becf", "MA": "#2ca02c"}
@@ -137,7 +136,7 @@ def run(fv) -> int:
 
     config = fv.config
     config_utils.validate_config(config)
-    split = fv.split or field(config.eval, "split", "test")
+    split = fv.split or config.eval.split
     which = cli.checkpoint_choice(fv.checkpoint)
     # Where the outputs go is checked before the model runs (the step is known only after restoring,
     # so the default folder's parent, the workdir, is what is checked first).

@@ -19,8 +19,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hrdecoder_jax.config_utils import field
-
 
 def _label_of(batch: dict) -> np.ndarray:
     """``[H, W]`` int32 fused label of a ``make_eval_dataset`` element (``label`` or multilabel ``masks``)."""
@@ -80,19 +78,18 @@ def evaluate(model, config, *, split: str | None = None, max_images: int | None 
             forward = make_forward(model)
         else:
             forward = model
-    eval_cfg = field(config, "eval", {})
     if dataset is None:
-        split = split or field(eval_cfg, "split", "test")
+        split = split or config.eval.split
         from hrdecoder_jax.data import open_split
         dataset = open_split(config.data, split)
     if max_images is None:
-        max_images = field(eval_cfg, "max_images")
+        max_images = config.eval.max_images
     if max_images is not None:
         dataset = dataset.take(int(max_images))
     total = int(dataset.cardinality())
     total_text = str(total) if total >= 0 else "?"
     test_cfg = config.model.test_cfg
-    accumulator = LesionMetricAccumulator(num_fine_thresholds=field(eval_cfg, "num_fine_thresholds"))
+    accumulator = LesionMetricAccumulator(num_fine_thresholds=config.eval.num_fine_thresholds)
     names: list[str] = []
     t_start = time.perf_counter()
     for i, batch in enumerate(make_eval_dataset(dataset, config.data)):
@@ -109,7 +106,7 @@ def evaluate(model, config, *, split: str | None = None, max_images: int | None 
             print(f"[{i + 1}/{total_text}] {names[-1]} {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
     if not names:
         from hrdecoder_jax.data.contract import DatasetError
-        raise DatasetError(f"the {split or 'given'} split of {field(config.data, 'name', 'the dataset')} has no images "
+        raise DatasetError(f"the {split or 'given'} split of {config.data.name} has no images "
                            "to evaluate")
     results = accumulator.compute()
     results["names"] = names

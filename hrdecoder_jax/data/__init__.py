@@ -222,8 +222,8 @@ def _builder_args(data_config) -> tuple[str, str, str | None, dict]:
     synthetic = field(data_config, "synthetic")
     if name == "synthetic_fundus" and synthetic is not None:
         kwargs["config"] = synthetic_config(**(synthetic.to_dict() if hasattr(synthetic, "to_dict") else dict(synthetic)))
-    data_dir = os.path.expanduser(os.fspath(field(data_config, "data_dir", "") or "~/tensorflow_datasets"))
-    manual_dir = field(data_config, "manual_dir")
+    data_dir = os.path.expanduser(os.fspath(data_config.data_dir or "~/tensorflow_datasets"))   # "": tfds's default
+    manual_dir = data_config.manual_dir
     manual_dir = os.path.expanduser(os.fspath(manual_dir)) if manual_dir else None
     return name, data_dir, manual_dir, kwargs
 

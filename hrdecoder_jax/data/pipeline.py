@@ -76,12 +76,6 @@ _SALT_TRAIN_KEY = 0x5EED
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_label_mode(cfg) -> str:
-    if cfg.label_mode not in LABEL_MODES:
-        raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {cfg.label_mode!r}")
-    return cfg.label_mode
-
-
 def _degree_range(deg) -> tuple[float, float]:
     if isinstance(deg, (int, float)):
         return -abs(float(deg)), abs(float(deg))
@@ -138,7 +132,6 @@ def train_transform_raw(image: tf.Tensor, packed: tf.Tensor, key: tf.Tensor, dat
       (rows, columns) of the crop before padding``}``.
     """
     cfg = data_config
-    _check_label_mode(cfg)
     crop_h, crop_w = (int(v) for v in cfg.crop_size)
     k_ratio, k_crop, k_flip, k_rot, k_angle = tf.unstack(tf.random.experimental.stateless_split(key, 5))
 
@@ -216,7 +209,7 @@ def finish_example(raw: dict, data_config) -> dict:
     inside = tf.logical_and(tf.range(shape[0])[:, None] < raw["valid"][0],
                             tf.range(shape[1])[None, :] < raw["valid"][1])
     img = tf.where(inside[..., None], img, tf.zeros_like(img))
-    return {"image": img, **_finish_label(raw["packed"], _check_label_mode(data_config))}
+    return {"image": img, **_finish_label(raw["packed"], data_config.label_mode)}
 
 
 def train_transform(image: tf.Tensor, packed: tf.Tensor, key: tf.Tensor, data_config) -> dict:
@@ -238,7 +231,7 @@ def eval_transform(example: dict, data_config) -> dict:
     (H0, W0), ``"name": string}``.
     """
     cfg = data_config
-    label_mode = _check_label_mode(cfg)
+    label_mode = cfg.label_mode   # one of LABEL_MODES (config_utils.validate_data_config)
     image = tf.ensure_shape(example["image"], [None, None, 3])
     tw, th = (int(v) for v in cfg.test_scale)
     img = augment.resize_bilinear(image, (th, tw))
@@ -423,7 +416,6 @@ def build_train_dataset(ds: tf.data.Dataset, data_config, *, global_batch_size: 
     if global_batch_size % process_count:
         raise ValueError(f"global_batch_size {global_batch_size} not divisible by process_count {process_count}")
     b = global_batch_size // process_count
-    _check_label_mode(data_config)
     npc = _autotune(data_config.num_parallel_calls)
     source = _make_source(ds, data_config, num_examples, npc, fingerprint)
     n = source.num_examples
@@ -541,8 +533,6 @@ def split_train_val(ds_or_names, data_config, *, test_ds=None, num_examples: int
     mode = data_config.validate_on
     if mode == "test":
         return ds_or_names, test_ds
-    if mode != "val":
-        raise ValueError(f"validate_on must be 'val' or 'test', got {mode!r}")
     if isinstance(ds_or_names, tf.data.Dataset):
         n = _num_examples(ds_or_names, num_examples)
         val = val_indices(n, data_config)
