@@ -10,8 +10,9 @@ import optax
 import pytest
 from flax import nnx
 
+from helpers import draw_crop_boxes
 from hrdecoder_jax import config_utils
-from hrdecoder_jax.models import build_model, count_params, draw_crop_boxes, slide_windows
+from hrdecoder_jax.models import build_model, count_params, slide_windows
 from hrdecoder_jax.models.resize import crop_resize_bilinear, resize_bilinear, upsample_to_box
 from hrdecoder_jax.weights import WeightImportError, load_torch_weights, read_state_dict
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import helpers
 from hrdecoder_jax.data import augment, pipeline as P
 
 H, W, N = 48, 64, 6  # tiny images; 6 examples so a few steps cross epoch boundaries
@@ -80,7 +81,7 @@ def denorm(img, cfg):
 def test_overwrite_order_and_packing():
     combos = np.array([[(v >> k) & 1 for k in range(4)] for v in range(16)], np.uint8)  # [16, 4]
     masks = combos[None]  # [1, 16, 4]
-    label = augment.fuse_masks(tf.constant(masks)).numpy()
+    label = helpers.fuse_masks(tf.constant(masks)).numpy()
     np.testing.assert_array_equal(label, fuse_np(masks))
     # Spot checks: EX+HE -> HE, HE+SE -> SE, everything -> MA, EX alone -> EX.
     assert label[0, 0b0011] == 2 and label[0, 0b0110] == 3 and label[0, 0b1111] == 4 and label[0, 0b0001] == 1
@@ -114,7 +115,7 @@ def test_nearest_matches_cv2_inter_nearest():
     # 2 -> 5: src = floor(dst * 0.4) = [0, 0, 0, 1, 1].
     np.testing.assert_array_equal(augment.nearest_indices(2, 5).numpy(), [0, 0, 0, 1, 1])
     lab = tf.constant(np.arange(15, dtype=np.uint8).reshape(3, 5))
-    out = augment.resize_nearest(lab, (5, 3)).numpy()
+    out = helpers.resize_nearest(lab, (5, 3)).numpy()
     rows, cols = [0, 0, 1, 1, 2], [0, 1, 3]  # 3 -> 5: floor(dst * 0.6)
     np.testing.assert_array_equal(out, lab.numpy()[np.ix_(rows, cols)])
     assert out.dtype == np.uint8
@@ -151,7 +152,7 @@ def test_resize_ops_inside_tf_data(data):
 
     def f(ex):
         return {"img": augment.resize_bilinear(ex["image"], (30, 41)),
-                "lab": augment.resize_nearest(augment.pack_masks(ex["masks"]), (71, 97))}
+                "lab": helpers.resize_nearest(augment.pack_masks(ex["masks"]), (71, 97))}
 
     for i, out in enumerate(d.map(f).as_numpy_iterator()):
         np.testing.assert_array_equal(out["img"], augment.resize_bilinear(tf.constant(data["image"][i]), (30, 41)).numpy())
@@ -185,7 +186,7 @@ def test_rotation_border_and_label_values():
     assert out[0, 0, 0] == 0 and out[-1, -1, 0] == 0  # corners come from outside
     img = augment.rotate(tf.ones((9, 12, 3)) * 100.0, 30.0).numpy()
     assert img[0, 0, 0] == 0.0 and img[4, 6, 0] == pytest.approx(100.0)
-    np.testing.assert_array_equal(augment.hflip(tf.constant(lab)).numpy(), lab[:, ::-1])
+    np.testing.assert_array_equal(helpers.hflip(tf.constant(lab)).numpy(), lab[:, ::-1])
 
 
 # --------------------------------------------------------------------------- crop
@@ -215,7 +216,7 @@ def test_cat_max_ratio_redraws_match_mmseg():
         key = tf.constant([s, 7], tf.int64)
         draws = [tuple(augment.crop_offset(tf.random.experimental.stateless_fold_in(key, np.int64(k)),
                                        (60, 70), crop).numpy()) for k in range(11)]
-        got = tuple(augment.select_crop(key, (60, 70), crop, lambda y, x: augment.value_counts(label[y:y + 24, x:x + 24]),
+        got = tuple(augment.select_crop(key, (60, 70), crop, lambda y, x: helpers.value_counts(label[y:y + 24, x:x + 24]),
                                     0.75).numpy())
         assert got == mmseg_select(draws, label, crop, 0.75), s
     # The cheap background pre-test (used by the pipeline) never changes the choice.
@@ -228,14 +229,14 @@ def test_cat_max_ratio_redraws_match_mmseg():
 
     for s in range(25):
         key = tf.constant([s, 8], tf.int64)
-        counts = lambda y, x: augment.value_counts(lab2[y:y + 24, x:x + 24])  # noqa: E731
+        counts = lambda y, x: helpers.value_counts(lab2[y:y + 24, x:x + 24])  # noqa: E731
         np.testing.assert_array_equal(augment.select_crop(key, (60, 70), crop, counts, 0.75, reject_fn=bg_reject),
                                       augment.select_crop(key, (60, 70), crop, counts, 0.75))
     # All draws fail on a one-class label: the 11th draw is used.
     zeros = np.zeros((60, 70), np.int32)
     key = tf.constant([1, 2], tf.int64)
     last = augment.crop_offset(tf.random.experimental.stateless_fold_in(key, np.int64(10)), (60, 70), crop).numpy()
-    got = augment.select_crop(key, (60, 70), crop, lambda y, x: augment.value_counts(zeros[y:y + 24, x:x + 24]), 0.75).numpy()
+    got = augment.select_crop(key, (60, 70), crop, lambda y, x: helpers.value_counts(zeros[y:y + 24, x:x + 24]), 0.75).numpy()
     np.testing.assert_array_equal(got, last)
     # Crop larger than the image: offset 0.
     np.testing.assert_array_equal(augment.crop_offset(key, (10, 12), crop).numpy(), [0, 0])
@@ -373,8 +374,8 @@ def test_process_shards_form_global_batch(ds, full_run):
         np.testing.assert_array_equal(np.concatenate([p["label"] for p in parts]), full_run[step]["label"])
     # Index level: shards partition every global batch; each epoch is a permutation of 0..N-1.
     kw = dict(global_batch_size=4, seed=11, num_steps=9)
-    one = P.train_example_indices(N, **kw)
-    two = [P.train_example_indices(N, process_index=p, process_count=2, **kw) for p in range(2)]
+    one = helpers.train_example_indices(N, **kw)
+    two = [helpers.train_example_indices(N, process_index=p, process_count=2, **kw) for p in range(2)]
     np.testing.assert_array_equal(np.concatenate(two, axis=1), one)
     epochs = one.reshape(-1, N)  # 36 positions = 6 epochs
     for e in epochs:

@@ -397,16 +397,6 @@ def _augment_key(g: tf.Tensor, seed: int) -> tf.Tensor:
     return tf.random.experimental.stateless_fold_in(base, g)
 
 
-def train_example_indices(num_examples: int, *, global_batch_size: int, seed: int, num_steps: int,
-                          start_step: int = 0, process_index: int = 0, process_count: int = 1) -> np.ndarray:
-    """Example indices int64 [num_steps, b] the training stream of one process uses (for logging/tests)."""
-    b = global_batch_size // process_count
-    k = tf.range(start_step * b, (start_step + num_steps) * b, dtype=tf.int64)
-    g = _stream_positions(k, global_batch_size=global_batch_size, per_process=b, process_index=process_index)
-    idx = tf.map_fn(lambda x: _example_index(x, num_examples, seed), g)
-    return idx.numpy().reshape(num_steps, b)
-
-
 def build_train_dataset(ds: tf.data.Dataset, data_config, *, global_batch_size: int, seed: int,
                         start_step: int = 0, process_index: int | None = None,
                         process_count: int | None = None, num_examples: int | None = None,
@@ -563,5 +553,5 @@ __all__ = [
     "default_data_config", "ddr_data_config", "encode_example", "train_transform", "train_transform_raw",
     "finish_example", "eval_transform",
     "build_train_dataset", "make_train_dataset", "build_eval_dataset", "make_eval_dataset",
-    "train_example_indices", "val_indices", "split_train_val", "IDRID_MEAN", "IDRID_STD", "DDR_MEAN", "DDR_STD",
+    "val_indices", "split_train_val", "IDRID_MEAN", "IDRID_STD", "DDR_MEAN", "DDR_STD",
 ]

@@ -310,25 +310,3 @@ class HRDecoder(nnx.Module):
         losses["fuse"] = dice_loss(self.fuse(up_lr, windows, boxes), labels, smooth=self.smooth)
         losses["total"] = sum(losses.values())
         return losses
-
-
-def draw_crop_boxes(rng: np.random.RandomState, image_size: Sequence[int], hr_scale: Sequence[int],
-                    scale_ratio: Sequence[float] | None, divisible: int, crop_num: int) -> np.ndarray:
-    """Host-side draw with NumPy's legacy generator, call for call as the reference
-    (``get_random_hr_scale`` then ``get_crop_bbox`` per crop). Returns int32 ``[crop_num, 4]``."""
-    if scale_ratio is not None:
-        lo, hi = scale_ratio
-        ratio = rng.random_sample() * (hi - lo) + lo
-        size = (int(hr_scale[0] * ratio // divisible * divisible), int(hr_scale[1] * ratio // divisible * divisible))
-    else:
-        size = tuple(hr_scale)
-    boxes = []
-    for _ in range(crop_num):
-        if tuple(image_size) == tuple(size):
-            boxes.append((0, image_size[0], 0, image_size[1]))
-            continue
-        margin_h, margin_w = max(image_size[0] - size[0], 0), max(image_size[1] - size[1], 0)
-        y1 = rng.randint(0, (margin_h + 1) // divisible) * divisible
-        x1 = rng.randint(0, (margin_w + 1) // divisible) * divisible
-        boxes.append((y1, y1 + size[0], x1, x1 + size[1]))
-    return np.asarray(boxes, np.int32)
