@@ -1,18 +1,17 @@
 """End-to-end training: schedule, interrupt + resume equality on 4 fake CPU devices, multi-process launch."""
-import importlib.util
 import json
 import os
 import pathlib
 import signal
 import subprocess
 import sys
-import time
+import threading
 
 import jax
 import numpy as np
 import pytest
 
-from hrdecoder_jax import config_utils
+from hrdecoder_jax import cli, config_utils
 from hrdecoder_jax.checkpoint import CheckpointError
 from hrdecoder_jax.data import DatasetError
 from hrdecoder_jax.optim import learning_rate_schedule
@@ -21,29 +20,11 @@ from hrdecoder_jax.train import train_and_evaluate
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def load_config(name, variant=None):
-    spec = importlib.util.spec_from_file_location("cfg", REPO / "configs" / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant) if variant else module.get_config()
-
-
 def shrunk_synthetic_config(data_dir, total_steps=4):
-    """configs/synthetic.py at toy size: 64 px images, hr_scale 32, 4 steps of global batch 4."""
-    config = load_config("synthetic.py")
-    config.model = config_utils.model_config(width=4, num_modules=(1, 1, 1, 1), num_blocks=1, channels=8,
-                                             kernel_size=3, hr_scale=(32, 32), crop_num=2,
-                                             test_mode="slide", test_crop_size=(64, 64), test_stride=(32, 32))
-    config.data = config_utils.synthetic_data_config(image_size=(64, 64), num_train=7, num_test=2,
-                                                     crop_size=(64, 64), ratio_range=(0.75, 1.25))
+    """configs/synthetic.py:toy (64 px images, hr_scale 32, 4 steps of global batch 4) on ``data_dir``."""
+    config = cli.load_config(str(REPO / "configs" / "synthetic.py:toy"))
     config.data.data_dir = str(data_dir)
-    config.data.val_count = 1
     config.total_steps = total_steps
-    config.global_batch_size = 4
-    config.log_every = 1
-    config.eval_every = 2
-    config.checkpoint_every = 2
-    config.optimizer.warmup_steps = 2
     return config
 
 
@@ -221,20 +202,49 @@ def test_accumulation_and_bf16_options_train(tmp_path, override):
     assert out["total"] == pytest.approx(ref["total"], rel=0.05)
 
 
-def signal_running_training(cfg_file, workdir, sig) -> tuple[int, str]:
+def signal_running_training(cfg_file, workdir, sig, *, start_s=400, stop_s=300) -> tuple[int, str]:
     """Start ``python -m hrdecoder_jax.train`` on ``cfg_file``, send ``sig`` once step 2 is logged; returns
-    the exit status and the output after the signal."""
+    the exit status and the output after the signal.
+
+    The deadlines are real: a watchdog kills a run that has not logged step 2 after ``start_s`` seconds or
+    not exited ``stop_s`` seconds after the signal (a silent hang), which ends the blocking reads, and the
+    test fails saying which deadline passed."""
     proc = subprocess.Popen([sys.executable, "-m", "hrdecoder_jax.train", f"--config={cfg_file}",
                              f"--workdir={workdir}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    deadline = time.time() + 400
-    for line in proc.stdout:                       # wait until training runs
-        if line.startswith("[train] step 2/"):
-            break
-        assert time.time() < deadline, "training did not start"
-    proc.send_signal(sig)
-    rest = proc.stdout.read()
-    return proc.wait(timeout=300), rest
+    killed = threading.Event()
+
+    def watchdog(seconds):
+        def kill():
+            killed.set()
+            proc.kill()
+        timer = threading.Timer(seconds, kill)
+        timer.daemon = True
+        timer.start()
+        return timer
+
+    timer = watchdog(start_s)
+    try:
+        started = False
+        for line in proc.stdout:                       # wait until training runs
+            if line.startswith("[train] step 2/"):
+                started = True
+                break
+        timer.cancel()
+        assert not killed.is_set(), f"training did not start within {start_s} s (killed)"
+        assert started, f"training exited with status {proc.wait()} before step 2"
+        proc.send_signal(sig)
+        timer = watchdog(stop_s)
+        rest = proc.stdout.read()
+        status = proc.wait()
+        timer.cancel()
+        assert not killed.is_set(), f"training did not stop within {stop_s} s of the signal (killed)"
+        return status, rest
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_sigterm_saves_and_exits(tmp_path):
