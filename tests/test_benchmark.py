@@ -10,7 +10,7 @@ import jax
 import pytest
 from flax import nnx
 
-from hrdecoder_jax import benchmark, config_utils
+from hrdecoder_jax import benchmark, cli, config_utils
 from hrdecoder_jax.models import build_model, count_params
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ CONFIG_SPECS = [
 
 
 def _config(spec):
-    return benchmark.load_config(str(REPO / spec))
+    return cli.load_config(str(REPO / spec))
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +132,9 @@ def test_configs_and_benchmark_need_no_tensorflow(tmp_path):
         "        if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets'):\n"
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "from hrdecoder_jax import benchmark\n"
+        "from hrdecoder_jax import benchmark, cli\n"
         f"for spec in {CONFIG_SPECS!r}:\n"
-        f"    benchmark.load_config({str(REPO)!r} + '/' + spec)\n"
+        f"    cli.load_config({str(REPO)!r} + '/' + spec)\n"
         f"assert benchmark.main(['--config', {str(REPO / 'configs' / 'tiny.py')!r}, '--what', 'flops_infer', "
         "'--json', 'bench.json']) == 0\n"
         "import json\n"

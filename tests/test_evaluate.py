@@ -5,7 +5,6 @@ Models are built abstractly (``nnx.eval_shape``) and filled from the reference w
 init of even the tiny model costs ~20 s of CPU.
 """
 import csv
-import importlib.util
 import json
 import os
 import pathlib
@@ -18,18 +17,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hrdecoder_jax import LESIONS, checkpoint
+from hrdecoder_jax import LESIONS, checkpoint, cli
 from hrdecoder_jax.models import build_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.py")
-
-
-def load_config(path=TINY):
-    spec = importlib.util.spec_from_file_location("test_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def reference_model(config, fixtures_dir):
@@ -48,7 +40,7 @@ def reference_model(config, fixtures_dir):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, fixtures_dir):
     """A model-only checkpoint (as ``convert`` writes) of the reference weights."""
-    config = load_config()
+    config = cli.load_config(TINY)
     path = tmp_path_factory.mktemp("converted")
     checkpoint.save_model(str(path), reference_model(config, fixtures_dir), config=config, source="fixture")
     return path
@@ -56,7 +48,7 @@ def workdir(tmp_path_factory, fixtures_dir):
 
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory):
-    config = load_config()
+    config = cli.load_config(TINY)
     config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
     return config
 
