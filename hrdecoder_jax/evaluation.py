@@ -12,7 +12,6 @@ the number of images (see ``docs/evaluation.md`` for a measurement at IDRiD reso
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 from typing import Any, Callable
@@ -114,26 +113,3 @@ def evaluate(model, config, *, split: str | None = None, max_images: int | None 
     results["pr_curve_reference"] = accumulator.pr_curve("reference")
     results["seconds"] = time.perf_counter() - t_start
     return results
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Outputs
-# ----------------------------------------------------------------------------------------------------------
-
-
-def jsonable(obj):
-    """``obj`` with numpy arrays/scalars as lists/floats and NaN as None, for ``json.dump``."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray) or hasattr(obj, "__array__") and not isinstance(obj, (str, bytes)):
-        return jsonable(np.asarray(obj).tolist())
-    if isinstance(obj, (np.floating, float)):
-        value = float(obj)
-        return None if math.isnan(value) else value
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, bytes):
-        return obj.decode()
-    return obj

@@ -326,42 +326,25 @@ def _wait_for_all(name: str) -> None:
 
 def _final_evaluation(run: _Run, *, finished_before: bool, step: int) -> dict:
     """The test metrics of the final model (of ``step``): computed once and stored in
-    ``metrics_<split>.json``; a re-run of a finished run prints the stored ones."""
-    from hrdecoder_jax.evaluation import evaluate, jsonable
+    ``metrics_<split>.json`` (``reports.write_results``); a re-run of a finished run prints the stored ones."""
+    from hrdecoder_jax import reports
+    from hrdecoder_jax.evaluation import evaluate
     from hrdecoder_jax.metrics import format_table
-    from hrdecoder_jax.workdir import atomic_write
 
     config = run.config
     path = os.path.join(run.workdir, f"metrics_{config.eval.split}.json")
     if finished_before and os.path.exists(path):
-        res = _read_results(path)
+        res = reports.read_results(path)
         run.say(f"\nTest metrics ({config.eval.split} split, step {step}; stored in {path}):")
     else:
         res = evaluate(run.model(), config, split=config.eval.split, max_images=config.eval.max_images)
         run.say(f"\nTest metrics ({config.eval.split} split, step {step}):")
         run.say(format_table(res).rstrip("\n"))
         if jax.process_index() == 0:
-            with atomic_write(path) as f:                # never a half-written results file
-                json.dump(jsonable(res), f, indent=2)
+            reports.write_results(res, path)
         return res
     run.say(format_table(res).rstrip("\n"))
     return res
-
-
-def _read_results(path: str) -> dict:
-    """A stored ``metrics_<split>.json`` with NaN restored (JSON has none)."""
-    import numpy as np
-    with open(path) as f:
-        raw = json.load(f)
-
-    def value(v):
-        if v is None:
-            return np.nan
-        if isinstance(v, list) and v and all(x is None or isinstance(x, (int, float)) for x in v):
-            return np.asarray([np.nan if x is None else x for x in v], np.float64)
-        return v
-
-    return {k: value(v) for k, v in raw.items()}
 
 
 def _loop(run: _Run, tx, mesh, train_ds, start_step: int, stop_after: int | None) -> dict:

@@ -157,7 +157,7 @@ FLOORS = [
     ("config and files", ["config_utils", "workdir", "weights", "ops.library", "ops.batch_norm", "ops.conv",
                           "ops.fence"]),
     ("building blocks", ["data", "models", "metrics", "optim", "train_step"]),
-    ("services", ["inference", "checkpoint", "evaluation", "deploy"]),
+    ("services", ["inference", "checkpoint", "evaluation", "deploy", "reports"]),
     ("command line", ["cli"]),
     ("commands", ["train", "evaluate", "predict", "convert", "export", "benchmark", "tools"]),
     ("experiments", ["experiments"]),

@@ -140,10 +140,10 @@ def test_slide_inference_averages_overlapping_window_logits():
 def test_evaluate_streams_and_matches_direct_metrics(restored, tiny_config, tmp_path):
     from hrdecoder_jax.data import open_split
     from hrdecoder_jax.data.pipeline import make_eval_dataset
-    from hrdecoder_jax.evaluate import write_outputs
     from hrdecoder_jax.evaluation import evaluate
     from hrdecoder_jax.inference import inference, probabilities
     from hrdecoder_jax.metrics import lesion_metrics, trapezoid_auc
+    from hrdecoder_jax.reports import write_outputs
 
     model, forward, _ = restored
     results = evaluate(model, tiny_config, progress=True, forward=forward)
