@@ -54,17 +54,10 @@ def get_config(variant: str = "hrdecoder"):
 
 
 def _toy(config):
-    """A width-4 HRDecoder on 64 px images (hr_scale 32), 4 steps of batch 4, validated and saved every 2."""
+    """A width-4 HRDecoder on 64 px images (hr_scale 32) for a smoke run (``config_utils.smoke_schedule``)."""
     config.model = config_utils.model_config(width=4, num_modules=(1, 1, 1, 1), num_blocks=1, channels=8,
                                              kernel_size=3, hr_scale=(32, 32), crop_num=2,
                                              test_mode="slide", test_crop_size=(64, 64), test_stride=(32, 32))
     config.data = config_utils.synthetic_data_config(image_size=(64, 64), num_train=7, num_test=2,
                                                      crop_size=(64, 64), ratio_range=(0.75, 1.25))
-    config.data.val_count = 1
-    config.total_steps = 4
-    config.global_batch_size = 4
-    config.log_every = 1
-    config.eval_every = 2
-    config.checkpoint_every = 2
-    config.optimizer.warmup_steps = 2
-    return config
+    return config_utils.smoke_schedule(config)

@@ -391,6 +391,20 @@ def optimizer_config() -> ml_collections.ConfigDict:
     ))
 
 
+def smoke_schedule(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` set to the seconds-long runs of the tests and smoke checks (``configs/tiny.py``,
+    ``configs/synthetic.py:toy``): 4 steps of batch 4 (2 of warm-up), logged every step, validated on one
+    held-out image and saved every 2 steps. Returns ``config``."""
+    config.data.val_count = 1
+    config.total_steps = 4
+    config.global_batch_size = 4
+    config.log_every = 1
+    config.eval_every = 2
+    config.checkpoint_every = 2
+    config.optimizer.warmup_steps = 2
+    return config
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every field a training config has, with the IDRiD paper values; config files override parts.
 
