@@ -28,5 +28,19 @@ def fixtures_dir() -> pathlib.Path:
     return FIXTURES
 
 
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A finished 4-step run (checkpoints at steps 2 and 4, final test metrics) and its config."""
+    from hrdecoder_jax.train import train_and_evaluate
+    from test_train import shrunk_synthetic_config
+    root = tmp_path_factory.mktemp("trained")
+    config = shrunk_synthetic_config(root / "data")
+    config.eval_every = 0
+    config.eval.max_images = 1
+    result = train_and_evaluate(config, str(root / "run"))
+    assert result["steps"] == 4
+    return root, config
+
+
 def pytest_configure(config):
     runtime.enable_compilation_cache()

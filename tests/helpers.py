@@ -5,9 +5,13 @@
 * ``fuse_masks``, ``resize_nearest``, ``value_counts``, ``hflip``: whole-image forms of the augmentation
   ops that the pipeline runs fused into windows (``data.augment``); the tests hold the fused forms to them.
 * ``train_example_indices``: the example indices of a training stream (``data.pipeline``'s order).
+* ``one_error_line``, ``write_config_file``, ``copy_run``, ``fixture_config``, ``flip``, ...: the files and configs
+  of the command tests, around the ``trained`` run (``conftest.py``).
 """
 from __future__ import annotations
 
+import pathlib
+import shutil
 from typing import Sequence
 
 import numpy as np
@@ -15,6 +19,8 @@ import tensorflow as tf
 
 from hrdecoder_jax.data import augment
 from hrdecoder_jax.data.pipeline import _example_index, _stream_positions
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def draw_crop_boxes(rng: np.random.RandomState, image_size: Sequence[int], hr_scale: Sequence[int],
@@ -73,3 +79,63 @@ def train_example_indices(num_examples: int, *, global_batch_size: int, seed: in
     g = _stream_positions(k, global_batch_size=global_batch_size, per_process=b, process_index=process_index)
     idx = tf.map_fn(lambda x: _example_index(x, num_examples, seed), g)
     return idx.numpy().reshape(num_steps, b)
+
+
+# Files and configs of the command tests (test_checkpoint, test_cli, test_workdir, ...)
+
+
+def one_error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error:")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def write_config_file(tmp_path, data_dir, **overrides) -> pathlib.Path:
+    """A config file for the commands: the shrunk synthetic config with ``overrides``."""
+    path = tmp_path / f"cfg_{len(list(tmp_path.glob('cfg_*.py')))}.py"
+    lines = ["import sys", f"sys.path.insert(0, {str(REPO / 'tests')!r})", "from test_train import shrunk_synthetic_config",
+             "def get_config():", f"    c = shrunk_synthetic_config({str(data_dir)!r})"]
+    lines += [f"    c.{k} = {v!r}" for k, v in overrides.items()]
+    lines += ["    return c", ""]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def data_files(step_dir: pathlib.Path) -> list[pathlib.Path]:
+    return sorted((p for p in (step_dir / "model").rglob("*") if p.is_file() and "d" in p.parent.name),
+                  key=lambda p: p.stat().st_size, reverse=True)
+
+
+def cfg_with(tmp_path, root, **overrides) -> pathlib.Path:
+    """A config file of the ``trained`` run (eval_every 0, max_images 1) with ``overrides``."""
+    return write_config_file(tmp_path, root / "data", eval_every=0, **{"eval.max_images": 1, **overrides})
+
+
+def copy_run(root: pathlib.Path, dest: pathlib.Path) -> pathlib.Path:
+    shutil.copytree(root / "run", dest, symlinks=True)
+    (dest / ".lock").unlink(missing_ok=True)
+    return dest
+
+
+def fixture_config(root, **changes):
+    """The ``trained`` run's config with ``changes`` (``total_steps`` and so on)."""
+    from test_train import shrunk_synthetic_config
+    config = shrunk_synthetic_config(root / "data", total_steps=changes.pop("total_steps", 4))
+    config.eval_every = 0
+    config.eval.max_images = 1
+    for key, value in changes.items():
+        setattr(config, key, value)
+    return config
+
+
+def flip(path: pathlib.Path) -> None:
+    blob = bytearray(path.read_bytes())
+    mid = len(blob) // 2
+    blob[mid:mid + 64] = bytes(b ^ 0xFF for b in blob[mid:mid + 64])
+    path.write_bytes(bytes(blob))
+
+
+def one_error_line_of(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, lines
+    return lines[0]

@@ -10,6 +10,7 @@ import jax
 import pytest
 from flax import nnx
 
+from helpers import one_error_line_of
 from hrdecoder_jax import benchmark, cli, config_utils
 from hrdecoder_jax.models import build_model, count_params
 
@@ -159,3 +160,13 @@ def test_gpu_benchmark_script_smoke_row(tmp_path):
     assert row["config"].endswith("configs/tiny.py") and row["params"] == 1_527_520
     assert row["train_compile_count"] == 1 and row["train_step_median_s"] > 0
     assert "== tiny" in (tmp_path / "log.txt").read_text()
+
+
+def test_benchmark_checks_its_json_output_before_measuring(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    from hrdecoder_jax import benchmark
+    (tmp_path / "a_file").write_text("x")
+    assert benchmark.main(["--config=configs/tiny.py", "--what=infer", f"--json={tmp_path / 'a_file' / 'b.json'}"]) == 1
+    captured = capsys.readouterr()
+    assert "device:" not in captured.out                      # nothing was measured
+    assert "--json's folder" in one_error_line_of(captured.err) and "not writable" in captured.err

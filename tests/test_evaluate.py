@@ -5,6 +5,7 @@ Models are built abstractly (``nnx.eval_shape``) and filled from the reference w
 init of even the tiny model costs ~20 s of CPU.
 """
 import csv
+import errno
 import json
 import os
 import pathlib
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import cfg_with
 from hrdecoder_jax import LESIONS, checkpoint, cli
 from hrdecoder_jax.models import build_model
 
@@ -297,3 +299,29 @@ def test_inspect_notebook_runs(workdir, tmp_path):
             else:
                 os.environ[k] = v
     assert figure.stat().st_size > 1000
+
+
+def test_evaluate_prints_first_and_never_leaves_a_partial_file(trained, tmp_path, capsys, monkeypatch):
+    root, _ = trained
+    from hrdecoder_jax import evaluate
+    args = [f"--config={cfg_with(tmp_path, root)}", f"--workdir={root / 'run'}", f"--output={tmp_path / 'e'}",
+            "--noprogress"]
+    assert evaluate.main(args) == 0
+    first = (tmp_path / "e" / "metrics.json").read_text()
+    doc = json.loads(first)
+    assert (doc["step"], doc["checkpoint"], doc["workdir"]) == (4, str(root / "run" / "checkpoints" / "4"),
+                                                                str(root / "run"))
+    capsys.readouterr()
+
+    def full_disk(obj, f, **kwargs):                          # the disk fills up halfway through metrics.json
+        f.write(json.dumps(obj, **kwargs)[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", full_disk)
+    assert evaluate.main(args) == 1
+    captured = capsys.readouterr()
+    assert "Class" in captured.out and "mean" in captured.out          # the table came first
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: disk full (no space left on device): {tmp_path / 'e' / 'metrics.json'}"]
+    assert (tmp_path / "e" / "metrics.json").read_text() == first     # the previous result, whole
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["metrics.json", "per_image.csv", "pr_curves.png"]

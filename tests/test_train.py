@@ -2,6 +2,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from hrdecoder_jax import cli, config_utils
+from helpers import (
+    write_config_file,
+)
+from hrdecoder_jax import checkpoint, cli, config_utils
 from hrdecoder_jax.checkpoint import CheckpointError
 from hrdecoder_jax.data import DatasetError
 from hrdecoder_jax.optim import learning_rate_schedule
@@ -68,7 +72,6 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
     # The checkpoint written from 4 devices restores onto one (a fresh model lives on a single device).
     from flax import nnx
 
-    from hrdecoder_jax import checkpoint
     from hrdecoder_jax.models import build_model
     model = build_model(config.model, rngs=nnx.Rngs(123))
     before = np.asarray(model.decode_head.conv_seg.kernel[...]).copy()
@@ -264,3 +267,64 @@ def test_sigterm_saves_and_exits(tmp_path):
     assert "[stop] received signal" in rest
     steps = [int(s) for s in os.listdir(tmp_path / "w" / "checkpoints") if s.isdigit()]
     assert len(steps) == 1 and steps[0] >= 2
+
+
+def test_finished_run_reruns_and_prints_its_stored_results(trained, tmp_path, capsys):
+    root, config = trained
+    work = tmp_path / "run"
+    shutil.copytree(root / "run", work)
+    capsys.readouterr()
+    before = {p: p.stat().st_mtime_ns for p in (work / "checkpoints").rglob("*") if p.is_file()}
+    stored = json.loads((work / "metrics_test.json").read_text())
+    again = train_and_evaluate(config, str(work))
+    out = capsys.readouterr().out
+    assert "already finished step 4" in out and "stored in" in out
+    assert np.allclose(np.asarray(again["test"]["IoU"], float), np.asarray(stored["IoU"], float), equal_nan=True)
+    # Killed during the final evaluation: the results file is missing; the re-run computes it, saves nothing.
+    (work / "metrics_test.json").unlink()
+    train_and_evaluate(config, str(work))
+    assert json.loads((work / "metrics_test.json").read_text())["IoU"] == stored["IoU"]
+    assert {p: p.stat().st_mtime_ns for p in (work / "checkpoints").rglob("*") if p.is_file()} == before
+
+
+def test_a_full_disk_stops_the_run_at_the_failing_save(tmp_path):
+    """A 3 MB file system for the workdir: the first checkpoint does not fit. The run stops with one line
+    saying 'disk full'. Needs a tmpfs mount (root); reported as skipped where there is none."""
+    work = tmp_path / "small"
+    work.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(work)],
+                                                   capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("no tmpfs mount available (needs root): a full disk cannot be made here")
+    cfg_file = write_config_file(tmp_path, tmp_path / "data", eval_every=0, checkpoint_every=1, total_steps=3)
+    try:
+        result = subprocess.run([sys.executable, "-m", "hrdecoder_jax.train", f"--config={cfg_file}",
+                                 f"--workdir={work}"], capture_output=True, text=True, timeout=600)
+    finally:
+        subprocess.run(["umount", str(work)], capture_output=True)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1 and len(errors) == 1 and "disk full" in errors[0], result.stderr[-3000:]
+    assert "step 3/3" not in result.stdout                      # it stopped, not one save later at the end
+    assert len(result.stderr.splitlines()) < 40
+
+
+def test_ctrl_c_saves_like_sigterm(tmp_path):
+    cfg_file = write_config_file(tmp_path, tmp_path / "data", eval_every=0, checkpoint_every=100000,
+                                 total_steps=100000)
+    status, rest = signal_running_training(cfg_file, tmp_path / "w", signal.SIGINT)
+    assert status == 130
+    assert f"received signal {int(signal.SIGINT)}" in rest
+    steps = [int(s) for s in os.listdir(tmp_path / "w" / "checkpoints") if s.isdigit()]
+    assert steps and min(steps) >= 2
+
+
+def test_the_readme_same_training_command_runs_in_a_fresh_clone(tmp_path):
+    """``--out runs/same`` of a fresh clone does not exist: the script makes it (and writes the dataset whole
+    before naming it). ``--only report`` stops before training anything."""
+    out = tmp_path / "runs" / "same"
+    result = subprocess.run([sys.executable, "launch/reference/same_training.py", "--reference-python", "REF_VENV/bin/python",
+                             "--reference-harness", "shared/reference", "--out", str(out), "--only", "report"],
+                            capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "no report" in result.stdout
+    assert len(list((out / "data" / "images" / "train").iterdir())) == 48 and not (out / "data.partial").exists()
