@@ -1,11 +1,17 @@
-"""Weight import (``weights``, the ``convert`` command): foreign or broken state_dicts are refused in one line.
+"""Weight import (``weights``, the ``convert`` command): mmseg state_dicts load whatever their wrapping, and
+foreign or broken ones are refused in one line.
 """
 import os
 import pathlib
 
 import numpy as np
+import pytest
+from flax import nnx
 
 from helpers import one_error_line
+from hrdecoder_jax.models import build_model
+from hrdecoder_jax.weights import WeightImportError, load_torch_weights, read_state_dict
+from test_models import STATE_NPZ, STATE_PTH, tiny_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -89,3 +95,44 @@ def test_convert_reads_checkpoints_with_numpy_values_in_their_meta(fixtures_dir,
     assert convert.main(["--config=configs/tiny.py", f"--torch_checkpoint={tmp_path / 'code.pth'}",
                          f"--workdir={tmp_path / 'code'}"]) == 1
     assert "not a readable PyTorch checkpoint" in one_error_line(capsys)
+
+
+def test_weights_load_from_pth_and_npz_identically(fixtures_dir):
+    pytest.importorskip("torch")
+    a, b = read_state_dict(fixtures_dir / STATE_PTH), read_state_dict(fixtures_dir / STATE_NPZ)
+    assert a.keys() == b.keys()
+    model = build_model(tiny_config(), rngs=nnx.Rngs(1))
+    report = load_torch_weights(model, fixtures_dir / STATE_PTH)
+    assert report.missing == [] and report.unexpected == []
+    assert all(k.endswith("num_batches_tracked") for k in report.ignored) and len(report.ignored) == 55
+    assert len(report.loaded) == 277
+
+
+def test_wrapped_prefixed_and_bare_backbone_checkpoints(fixtures_dir):
+    sd = read_state_dict(fixtures_dir / STATE_NPZ)
+    wrapped = {"state_dict": {"module." + k: v for k, v in sd.items()}, "meta": {}}
+    model = build_model(tiny_config(), rngs=nnx.Rngs(1))
+    report = load_torch_weights(model, wrapped)
+    assert not report.missing and not report.unexpected
+    # An ImageNet HRNet checkpoint: backbone keys without prefix plus classification layers.
+    bare = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    bare["classifier.weight"] = np.zeros((1000, 2048), np.float32)
+    bare["incre_modules.0.0.conv1.weight"] = np.zeros((32, 18, 1, 1), np.float32)
+    report = load_torch_weights(build_model(tiny_config(), rngs=nnx.Rngs(2)), bare)
+    assert report.unexpected == []
+    assert "classifier.weight" in report.ignored and "incre_modules.0.0.conv1.weight" in report.ignored
+    assert report.missing and all(k.startswith("decode_head.") for k in report.missing)
+
+
+def test_wrong_key_and_shape_are_reported(fixtures_dir):
+    sd = read_state_dict(fixtures_dir / STATE_NPZ)
+    renamed = dict(sd)
+    renamed["decode_head.conv_segX.weight"] = renamed.pop("decode_head.conv_seg.weight")
+    report = load_torch_weights(build_model(tiny_config(), rngs=nnx.Rngs(0)), renamed)
+    assert report.missing == ["decode_head.conv_seg.weight"]
+    assert report.unexpected == ["decode_head.conv_segX.weight"]
+    assert "decode_head.conv_seg.weight" in report.summary()
+    bad = dict(sd)
+    bad["decode_head.conv_seg.weight"] = np.zeros((5, 64, 1, 1), np.float32)
+    with pytest.raises(WeightImportError, match=r"decode_head\.conv_seg\.weight.*\(5, 64, 1, 1\).*\(4, 64, 1, 1\)"):
+        load_torch_weights(build_model(tiny_config(), rngs=nnx.Rngs(0)), bad)
