@@ -8,7 +8,8 @@ trains a shallow W18 HRDecoder (one module and one block per stage, 32-channel 3
 split and prints the per-lesion table.
 Variants ``--config configs/synthetic.py:VARIANT``: hrdecoder (default), efficient, fcn_lr, fcn_hr; the
 FCN baselines share HRDecoder's backbone and head and see half-resolution images (fcn_lr) or the
-full-resolution crops (fcn_hr).
+full-resolution crops (fcn_hr). ``toy``: a width-4 HRDecoder on 64 px images for 4 steps, the model of the
+tests and of launch/reliability_cases.py, which runs in seconds (configs/tiny.py is the fixtures' model).
 """
 from hrdecoder_jax import config_utils
 
@@ -27,6 +28,8 @@ def get_config(variant: str = "hrdecoder"):
     config.data = config_utils.synthetic_data_config(image_size=(512, 512), crop_size=(256, 256),
                                                      ratio_range=(0.5, 1.0))
     config.data.cat_max_ratio = 1.0   # mmseg re-draws a crop up to 10 times while one class covers > cat_max_ratio; off here
+    if variant == "toy":
+        return _toy(config)
     small = dict(width=18, num_modules=(1, 1, 1, 1), num_blocks=(1, 1, 1, 1), channels=32,
                  kernel_size=3)
     slide = dict(test_mode="slide", test_crop_size=(256, 256), test_stride=(128, 128))
@@ -48,3 +51,13 @@ def get_config(variant: str = "hrdecoder"):
     else:
         raise ValueError(f"unknown variant {variant!r} of configs/synthetic.py")
     return config
+
+
+def _toy(config):
+    """A width-4 HRDecoder on 64 px images (hr_scale 32) for a smoke run (``config_utils.smoke_schedule``)."""
+    config.model = config_utils.model_config(width=4, num_modules=(1, 1, 1, 1), num_blocks=1, channels=8,
+                                             kernel_size=3, hr_scale=(32, 32), crop_num=2,
+                                             test_mode="slide", test_crop_size=(64, 64), test_stride=(32, 32))
+    config.data = config_utils.synthetic_data_config(image_size=(64, 64), num_train=7, num_test=2,
+                                                     crop_size=(64, 64), ratio_range=(0.75, 1.25))
+    return config_utils.smoke_schedule(config)

@@ -16,11 +16,4 @@ def get_config():
         test_mode="whole", test_crop_size=(256, 256), test_stride=(128, 128))
     config.data = config_utils.synthetic_data_config(image_size=(256, 256), num_train=6, num_test=2,
                                                      crop_size=(256, 256), ratio_range=None)
-    config.data.val_count = 1
-    config.total_steps = 4
-    config.global_batch_size = 4
-    config.log_every = 1
-    config.eval_every = 2
-    config.checkpoint_every = 2
-    config.optimizer.warmup_steps = 2
-    return config
+    return config_utils.smoke_schedule(config)

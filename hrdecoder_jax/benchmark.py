@@ -31,8 +31,8 @@ one of the two functions (the train step's compilation is the slow one). Example
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 import os
 import statistics
 import sys
@@ -76,12 +76,9 @@ def with_width(model_cfg: ml_collections.ConfigDict, width: int) -> ml_collectio
     num_modules = [extra[f"stage{i}"].num_modules for i in range(1, 5)]
     num_blocks = [extra[f"stage{i}"].num_blocks[0] for i in range(1, 5)]
     m.backbone.extra = config_utils.hrnet_extra(width, num_modules=num_modules, num_blocks=num_blocks)
-    concat = width * 15
+    m.decode_head.in_channels = config_utils.head_in_channels(m)
     if m.type == "FCN":
-        m.decode_head.in_channels = concat
-        m.decode_head.channels = concat
-    elif not (m.type == "EfficientHRDecoder" and m.hr_settings.get("visual_dim")):
-        m.decode_head.in_channels = concat
+        m.decode_head.channels = m.decode_head.in_channels      # the FCN baseline's head is that wide
     return m
 
 
@@ -239,14 +236,12 @@ def run_benchmark(config: ml_collections.ConfigDict, what: Sequence[str] = DEFAU
 
     ``image_size`` (H, W) overrides both the training and the inference image; ``hr_scale`` (int or (H, W))
     overrides ``model.hr_settings.hr_scale``; ``width`` the HRNetV2 branch width.
+
+    The measurements, in the order of their keys: the train step's compilation, memory and FLOPs
+    (``_compile_train_step``), its timing (``_time_train_steps``), the forward's (``_measure_inference``),
+    the device's peak memory (``_device_peak``) and the input pipeline against the step (``_measure_input_rate``).
     """
-    what = set(what)
-    unknown = what - set(ALL) - set(PARTS)
-    if unknown:
-        raise ValueError(f"unknown measurements {sorted(unknown)}; choose from {ALL + PARTS}")
-    for whole in ("memory", "flops"):          # 'flops' = flops of both functions, 'flops_infer' only one
-        if whole in what:
-            what |= {f"{whole}_train", f"{whole}_infer"}
+    what = _expand(what)
     dev = jax.devices()[0]
     model_cfg = _model_config(config, width, hr_scale)
     train_size, infer_size = _sizes(config, image_size)
@@ -276,123 +271,180 @@ def run_benchmark(config: ml_collections.ConfigDict, what: Sequence[str] = DEFAU
     model = build_model(model_cfg, rngs=nnx.Rngs(0)) if concrete else abstract_model(model_cfg)
     res["params"] = count_params(model)
 
+    if need_train:
+        train = _compile_train_step(res, model, config, what, batch=batch, train_size=train_size,
+                                    concrete=concrete)
+        if run_train:
+            model = _time_train_steps(res, model, config, train, batch=batch, train_size=train_size,
+                                      repeats=repeats)
+        del train
+    if need_infer:
+        _measure_inference(res, model, what, infer_size=infer_size, repeats=repeats)
+    if "memory_train" in what or "memory_infer" in what:
+        _device_peak(res, dev)
+    if "input" in what:
+        _measure_input_rate(res, config, batch=batch, input_batches=input_batches, data_dir=data_dir)
+    return res
+
+
+def _expand(what: Sequence[str]) -> set[str]:
+    """``what`` checked against ``ALL`` and ``PARTS``, with 'memory' and 'flops' standing for both functions'."""
+    what = set(what)
+    unknown = what - set(ALL) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown measurements {sorted(unknown)}; choose from {ALL + PARTS}")
+    for whole in ("memory", "flops"):          # 'flops' = flops of both functions, 'flops_infer' only one
+        if whole in what:
+            what |= {f"{whole}_train", f"{whole}_infer"}
+    return what
+
+
+@dataclasses.dataclass
+class _TrainStep:
+    """A compiled train step and what it runs on (the state as the trainer places it)."""
+    step: Any
+    traces: list
+    structure: Any
+    params: Any
+    rest: Any
+    opt_state: Any
+    lowered: Any          # kept, like the compiled step, until the timing is done
+    compiled: Any
+
+
+def _compile_train_step(res: dict, model, config, what: set[str], *, batch: int, train_size, concrete: bool
+                        ) -> _TrainStep:
+    """Trace and compile the trainer's step on ``batch`` raw crops of ``train_size`` (``train_trace_s``,
+    ``train_compile_s``), with its memory (``train_mem_*``) and FLOPs when asked for."""
     h, w = train_size
     # What the trainer's step takes: the host pipeline's raw crops (uint8 image, crop sizes, packed masks).
     train_images = {"image": jax.ShapeDtypeStruct((batch, h, w, 3), jnp.uint8),
                     "valid": jax.ShapeDtypeStruct((batch, 2), jnp.int32)}
     train_labels = jax.ShapeDtypeStruct((batch, h, w), jnp.uint8)
+    model.train()
+    structure, params, rest = split_for_training(model)      # shapes only for an abstract model
+    config_utils.validate_optimizer_config(config.optimizer)
+    tx = make_optimizer(config.optimizer, config.total_steps)
+    opt_state = jax.eval_shape(tx.init, params) if not concrete else tx.init(params)
+    traces = []
+
+    def counted(*args):          # counts traces (= compilations of new signatures)
+        traces.append(1)
+        return step_fn(*args)
+
+    from hrdecoder_jax.data import on_device  # the trainer's device-side end of the input pipeline
+
+    step_fn = make_train_step(structure, tx, seed=config.seed, finish=on_device.make_finish(config.data))
+    mesh = make_mesh(jax.devices()[:1])                            # one device: the per-device cost
+    step = jit_train_step(counted, mesh)
+    if concrete:   # placed as the trainer places them, so the timed calls reuse this compilation
+        params, rest, opt_state = jax.device_put((params, rest, opt_state), NamedSharding(mesh, P()))
+    args = (_shape_of(params), _shape_of(rest), _shape_of(opt_state), jax.ShapeDtypeStruct((), jnp.int32),
+            train_images, train_labels)
+    _log(f"compiling the train step on {batch}x{h}x{w} ...")
+    t0 = time.perf_counter()
+    lowered = step.lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    res["train_trace_s"] = t1 - t0
+    res["train_compile_s"] = t2 - t1
+    _log(f"traced in {t1 - t0:.1f} s, compiled in {t2 - t1:.1f} s")
+    if "memory_train" in what:
+        res.update({f"train_mem_{k}": v for k, v in _memory(compiled).items()})
+    if "flops_train" in what:
+        f, b = _cost(compiled, "flops"), _cost(compiled, "bytes accessed")
+        res["train_flops_per_image"] = None if f is None else f / batch
+        # Against the step time this says whether the step is bound by memory traffic or by arithmetic.
+        res["train_bytes_accessed_per_image"] = None if b is None else b / batch
+    return _TrainStep(step, traces, structure, params, rest, opt_state, lowered, compiled)
+
+
+def _time_train_steps(res: dict, model, config, train: _TrainStep, *, batch: int, train_size, repeats: int):
+    """One warm-up and ``repeats`` timed train steps on random crops (``train_step_*``, images/s, the
+    compilations they caused, the crop draws they made); returns the trained model (the state's buffers
+    are donated to the steps)."""
+    h, w = train_size
+    step, traces = train.step, train.traces
+    rng = np.random.default_rng(0)
+    images = {"image": jnp.asarray(rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8)),
+              "valid": jnp.asarray(np.tile(np.int32([h, w]), (batch, 1)))}
+    labels = jnp.asarray(np.where(rng.random((batch, h, w)) < 0.02,     # one lesion bit per pixel
+                                  1 << rng.integers(0, 4, (batch, h, w)), 0).astype(np.uint8))
+    state = [train.params, train.rest, train.opt_state]
+    train.params = train.rest = train.opt_state = None
+    losses = []
+    traces_before = len(traces)
+
+    def one(i):
+        def call():
+            p, r, o, metrics = step(*state, jnp.int32(i), images, labels)
+            state[:] = [p, r, o]
+            losses.append(metrics["total"])
+            return metrics["total"]
+        return call
+
+    _log("first (warm-up) train step ...")
+    res["train_first_step_s"] = _time(one(0), 1)[0]
+    _log(f"timing {repeats} train steps ...")
+    times = [_time(one(i + 1), 1)[0] for i in range(repeats)]
+    res["train_step_median_s"] = statistics.median(times)
+    res["train_step_min_s"] = min(times)
+    res["train_images_per_s"] = batch / statistics.median(times)
+    # Compilations over the warm-up + timed steps; the lowering traced once.
+    res["train_compile_count"] = len(traces) - traces_before + 1
+    res["train_jit_cache_size"] = int(step._cache_size())
+    if hasattr(model, "sample_crop_boxes"):    # the draws the steps made (the trainer's own rule)
+        draw = jax.jit(lambda k: model.sample_crop_boxes(k, train_size))
+        base = jax.random.PRNGKey(config.seed)
+        draws = {tuple(np.asarray(draw(jax.random.fold_in(base, i))).ravel().tolist())
+                 for i in range(repeats + 1)}
+        res["train_distinct_crop_draws"] = len(draws)
+    res["train_final_loss"] = float(losses[-1])
+    return merge_model(train.structure, state[0], state[1])   # the donated buffers are gone
+
+
+def _measure_inference(res: dict, model, what: set[str], *, infer_size, repeats: int) -> None:
+    """Compile the forward on one ``infer_size`` image (``infer_compile_s``), with its memory and FLOPs when
+    asked for, and time it (``infer_*``) for 'infer'."""
     infer_images = jax.ShapeDtypeStruct((1, *infer_size, 3), jnp.float32)
+    model.eval()
+    fwd = make_forward(model)
+    _log(f"compiling the forward on 1x{infer_size[0]}x{infer_size[1]} ...")
+    t0 = time.perf_counter()
+    compiled = fwd.lower(infer_images).compile()
+    res["infer_compile_s"] = time.perf_counter() - t0
+    _log(f"compiled in {res['infer_compile_s']:.1f} s")
+    if "memory_infer" in what:
+        res.update({f"infer_mem_{k}": v for k, v in _memory(compiled).items()})
+    if "flops_infer" in what:
+        res["infer_flops_per_image"] = _cost(compiled, "flops")
+    if "infer" in what:
+        images = jnp.asarray(np.random.default_rng(1).standard_normal((1, *infer_size, 3), np.float32))
+        _log("first (warm-up) forward ...")
+        res["infer_first_s"] = _time(lambda: fwd(images), 1)[0]
+        _log(f"timing {repeats} forwards ...")
+        times = _time(lambda: fwd(images), repeats)
+        res["infer_median_s"] = statistics.median(times)
+        res["infer_min_s"] = min(times)
+        res["infer_images_per_s"] = 1.0 / statistics.median(times)
+        res["infer_compile_count"] = fwd.compilations()
+    del compiled
 
-    if need_train:
-        model.train()
-        structure, params, rest = split_for_training(model)      # shapes only for an abstract model
-        tx = make_optimizer(config.optimizer, config.total_steps)
-        opt_state = jax.eval_shape(tx.init, params) if not concrete else tx.init(params)
-        traces = []
 
-        def counted(*args):          # counts traces (= compilations of new signatures)
-            traces.append(1)
-            return step_fn(*args)
+def _device_peak(res: dict, dev) -> None:
+    """``device_peak_bytes``: the device's peak memory in use (None where the backend does not say)."""
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    res["device_peak_bytes"] = int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
-        from hrdecoder_jax.data import on_device   # the trainer's device-side end of the input pipeline
 
-        step_fn = make_train_step(structure, tx, seed=config.seed, finish=on_device.make_finish(config.data))
-        mesh = make_mesh(jax.devices()[:1])                            # one device: the per-device cost
-        step = jit_train_step(counted, mesh)
-        if concrete:   # placed as the trainer places them, so the timed calls reuse this compilation
-            params, rest, opt_state = jax.device_put((params, rest, opt_state), NamedSharding(mesh, P()))
-        args = (_shape_of(params), _shape_of(rest), _shape_of(opt_state), jax.ShapeDtypeStruct((), jnp.int32),
-                train_images, train_labels)
-        _log(f"compiling the train step on {batch}x{h}x{w} ...")
-        t0 = time.perf_counter()
-        lowered = step.lower(*args)
-        t1 = time.perf_counter()
-        compiled = lowered.compile()
-        t2 = time.perf_counter()
-        res["train_trace_s"] = t1 - t0
-        res["train_compile_s"] = t2 - t1
-        _log(f"traced in {t1 - t0:.1f} s, compiled in {t2 - t1:.1f} s")
-        if "memory_train" in what:
-            res.update({f"train_mem_{k}": v for k, v in _memory(compiled).items()})
-        if "flops_train" in what:
-            f, b = _cost(compiled, "flops"), _cost(compiled, "bytes accessed")
-            res["train_flops_per_image"] = None if f is None else f / batch
-            # Against the step time this says whether the step is bound by memory traffic or by arithmetic.
-            res["train_bytes_accessed_per_image"] = None if b is None else b / batch
-        if run_train:
-            rng = np.random.default_rng(0)
-            images = {"image": jnp.asarray(rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8)),
-                      "valid": jnp.asarray(np.tile(np.int32([h, w]), (batch, 1)))}
-            labels = jnp.asarray(np.where(rng.random((batch, h, w)) < 0.02,     # one lesion bit per pixel
-                                          1 << rng.integers(0, 4, (batch, h, w)), 0).astype(np.uint8))
-            state = [params, rest, opt_state]
-            losses = []
-            traces_before = len(traces)
-
-            def one(i):
-                def call():
-                    p, r, o, metrics = step(*state, jnp.int32(i), images, labels)
-                    state[:] = [p, r, o]
-                    losses.append(metrics["total"])
-                    return metrics["total"]
-                return call
-
-            _log("first (warm-up) train step ...")
-            res["train_first_step_s"] = _time(one(0), 1)[0]
-            _log(f"timing {repeats} train steps ...")
-            times = [_time(one(i + 1), 1)[0] for i in range(repeats)]
-            res["train_step_median_s"] = statistics.median(times)
-            res["train_step_min_s"] = min(times)
-            res["train_images_per_s"] = batch / statistics.median(times)
-            # Compilations over the warm-up + timed steps; the lowering above traced once.
-            res["train_compile_count"] = len(traces) - traces_before + 1
-            res["train_jit_cache_size"] = int(step._cache_size())
-            if hasattr(model, "sample_crop_boxes"):    # the draws the steps made (the trainer's own rule)
-                draw = jax.jit(lambda k: model.sample_crop_boxes(k, train_size))
-                base = jax.random.PRNGKey(config.seed)
-                draws = {tuple(np.asarray(draw(jax.random.fold_in(base, i))).ravel().tolist())
-                         for i in range(repeats + 1)}
-                res["train_distinct_crop_draws"] = len(draws)
-            res["train_final_loss"] = float(losses[-1])
-            model = merge_model(structure, state[0], state[1])   # the donated buffers are gone
-            del state
-        del compiled, lowered
-
-    if need_infer:
-        model.eval()
-        fwd = make_forward(model)
-        _log(f"compiling the forward on 1x{infer_size[0]}x{infer_size[1]} ...")
-        t0 = time.perf_counter()
-        compiled = fwd.lower(infer_images).compile()
-        res["infer_compile_s"] = time.perf_counter() - t0
-        _log(f"compiled in {res['infer_compile_s']:.1f} s")
-        if "memory_infer" in what:
-            res.update({f"infer_mem_{k}": v for k, v in _memory(compiled).items()})
-        if "flops_infer" in what:
-            res["infer_flops_per_image"] = _cost(compiled, "flops")
-        if "infer" in what:
-            images = jnp.asarray(np.random.default_rng(1).standard_normal((1, *infer_size, 3), np.float32))
-            _log("first (warm-up) forward ...")
-            res["infer_first_s"] = _time(lambda: fwd(images), 1)[0]
-            _log(f"timing {repeats} forwards ...")
-            times = _time(lambda: fwd(images), repeats)
-            res["infer_median_s"] = statistics.median(times)
-            res["infer_min_s"] = min(times)
-            res["infer_images_per_s"] = 1.0 / statistics.median(times)
-            res["infer_compile_count"] = fwd.compilations()
-        del compiled
-
-    if "memory_train" in what or "memory_infer" in what:
-        stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
-        res["device_peak_bytes"] = int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
-
-    if "input" in what:
-        rate, note = measure_input(config, batch, input_batches, data_dir)
-        res["input_samples_per_s"] = rate
-        res["input_data"] = note
-        demand = res.get("train_images_per_s")
-        res["input_over_train_demand"] = rate / demand if demand else None
-    return res
+def _measure_input_rate(res: dict, config, *, batch: int, input_batches: int, data_dir: str | None) -> None:
+    """The host input pipeline's samples/s, and its ratio to the train step's demand (``input_*``)."""
+    rate, note = measure_input(config, batch, input_batches, data_dir)
+    res["input_samples_per_s"] = rate
+    res["input_data"] = note
+    demand = res.get("train_images_per_s")
+    res["input_over_train_demand"] = rate / demand if demand else None
 
 
 UNITS = (("_bytes", "bytes"), ("_per_s", "images/s"), ("_flops_per_image", "FLOP/image"),
@@ -435,12 +487,6 @@ def format_table(res: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------
-
-
-def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-    """Load ``configs/x.py[:variant]`` with ``--config.a.b=value`` overrides (``cli.load_config``)."""
-    from hrdecoder_jax import cli
-    return cli.load_config(spec, overrides)
 
 
 def _pair(text: str | None) -> tuple[int, int] | None:

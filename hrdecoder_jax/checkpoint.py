@@ -1,10 +1,11 @@
 """All Orbax code: training checkpoints (latest + best), model-only checkpoints, and restoring them.
 
-Layout of a workdir::
+Where they lie in a workdir (``workdir`` owns the layout)::
 
-    checkpoints/<step>/{model,opt_state,meta}   the latest training states (periodic, async)
-    best/<step>/{model,meta}                    the best model by validation mIoU
-    (convert writes checkpoints/0/{model,meta}: a model-only checkpoint)
+    checkpoints/<step>/{model,opt_state,meta,digests}   the latest training states (periodic, async)
+    best/<step>/{model,meta,digests}                    the best model by validation mIoU
+    corrupt/<step>/                                     training steps that failed verification (``quarantine``)
+    (convert writes checkpoints/0/{model,meta,digests}: a model-only checkpoint)
 
 ``model`` is the pure dict of the model's parameters and BN statistics (``nnx.to_pure_dict``), so a
 checkpoint restores onto any device count: leaves are restored into abstract targets that carry the
@@ -23,8 +24,8 @@ Verified, in this order, by every restore:
    changed on disk, or one that cannot be read, fails with ``CheckpointCorruptError`` naming the step and
    the tensor (Orbax writes atomically but does not verify what it reads).
 
-Only 3 is corruption: training moves such a step to ``corrupt/`` and falls back to the previous one
-(never the last one left); a mismatch moves nothing. ``evaluate`` and ``predict`` refuse both.
+Only 3 is corruption: ``Checkpointer.restore_latest`` (training's resume) moves such a step to ``corrupt/``
+(``quarantine``) and falls back to the previous one (never the last one left); a mismatch moves nothing. ``evaluate`` and ``predict`` refuse both.
 """
 from __future__ import annotations
 
@@ -39,12 +40,11 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from hrdecoder_jax import config_utils
+from hrdecoder_jax.errors import ExpectedError
+from hrdecoder_jax.workdir import BEST_DIR, CORRUPT_DIR, LATEST_DIR
 
-LATEST_DIR = "checkpoints"
-BEST_DIR = "best"
 
-
-class CheckpointError(ValueError):
+class CheckpointError(ExpectedError, ValueError):
     """A checkpoint that cannot be used (the message names the directory and what is wrong)."""
 
 
@@ -182,7 +182,7 @@ class Checkpointer:
         self.best = _manager(os.path.join(self.workdir, BEST_DIR), 1, async_save) if keep_best else None
 
     def reload(self) -> None:
-        """Read the folders again (after a corrupt step was moved away)."""
+        """Read the folders again (after a step was moved away)."""
         self.close()
         self.__init__(self.workdir, keep_latest=self._options[0], keep_best=self._options[1],
                       async_save=self._options[2])
@@ -206,9 +206,6 @@ class Checkpointer:
             _ensure_space(os.path.join(self.workdir, BEST_DIR), step, model)
             self.best.save(step, args=_save_args(model, meta), force=True)
 
-    def best_step(self) -> int | None:
-        return None if self.best is None else self.best.latest_step()
-
     def restore(self, step: int, *, model_target: Mapping, opt_state_target: Any | None,
                 model_config=None) -> dict:
         """Restore and verify ``step`` into targets that carry the wanted shapes, dtypes and shardings;
@@ -220,6 +217,40 @@ class Checkpointer:
     def steps(self) -> list[int]:
         """The kept training steps, newest first."""
         return sorted(self.latest.all_steps(), reverse=True)
+
+    def restore_latest(self, *, model_target: Mapping, opt_state_target: Any, model_config=None,
+                       say=print) -> tuple[dict, int] | None:
+        """The newest intact training step, restored (``restore``) as ``(restored, step)``, or None when there
+        is none. A corrupt step (a digest that differs, a file that cannot be read) is moved aside
+        (``quarantine``) with a notice and the previous one tried, but never the last one left: that one
+        raises, and stays where it is for the next attempt. A step that does not fit
+        (``CheckpointMismatchError``) raises and moves nothing."""
+        steps = self.steps()
+        for i, step in enumerate(steps):
+            try:
+                return self.restore(step, model_target=model_target, opt_state_target=opt_state_target,
+                                    model_config=model_config), step
+            except CheckpointCorruptError as e:
+                if i == len(steps) - 1:
+                    raise CheckpointCorruptError(
+                        f"{e}; it is the last checkpoint left, so it stays where it is and nothing is trained: "
+                        f"restore its files, or move {self.workdir} away to start again") from None
+                say(f"[resume] {e}; falling back to the previous checkpoint")
+                moved = self.quarantine(step)
+                if moved:
+                    say(f"[resume] moved the corrupt step to {moved}")
+        return None
+
+    def quarantine(self, step: int) -> str | None:
+        """Move the training step ``step`` to ``WORKDIR/corrupt/<step>`` (process 0 only: the processes of a
+        run share the workdir) and read the folders again; returns where it went (None elsewhere)."""
+        moved = None
+        if jax.process_index() == 0:
+            moved = os.path.join(self.workdir, CORRUPT_DIR, str(step))
+            os.makedirs(os.path.dirname(moved), exist_ok=True)
+            shutil.move(os.path.join(self.workdir, LATEST_DIR, str(step)), moved)
+        self.reload()
+        return moved
 
     def check_for_errors(self) -> None:
         """Raise the error of a failed background save now (e.g. a full disk), not one save later. After

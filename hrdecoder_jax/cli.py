@@ -21,11 +21,9 @@ from typing import Callable, Sequence
 
 from absl import flags
 
+from hrdecoder_jax.errors import CommandError, ExpectedError
+
 CHECKPOINT_CHOICES = "'latest', 'best' or a step number"
-
-
-class CommandError(Exception):
-    """An expected failure of a command; the message is the whole story (one line)."""
 
 
 def _normalise(argv: Sequence[str]) -> list[str]:
@@ -174,20 +172,14 @@ def describe(e: BaseException) -> str:
         return f"{what}: {where}" if where else what
     text = str(e).strip().splitlines()
     first = text[0] if text else ""
-    expected = _expected_types()
-    if isinstance(e, expected):
+    if isinstance(e, EXPECTED):
         return first or type(e).__name__
     return f"{type(e).__name__}: {first} (unexpected; rerun with --verbose for the traceback)"
 
 
-def _expected_types() -> tuple[type, ...]:
-    from hrdecoder_jax.checkpoint import CheckpointError
-    from hrdecoder_jax.config_utils import ConfigError
-    from hrdecoder_jax.convert import WeightImportError
-    from hrdecoder_jax.data.contract import DatasetError
-    from hrdecoder_jax.workdir import WorkdirError
-    return (CommandError, ConfigError, CheckpointError, WeightImportError, DatasetError, WorkdirError,
-            FloatingPointError, OSError)
+# Expected failures: the package's own (``errors.ExpectedError``: a bad config, checkpoint, weight file,
+# dataset or workdir, a command's refusal), a NaN loss, and what the operating system refuses.
+EXPECTED = (ExpectedError, FloatingPointError, OSError)
 
 
 def _flag_error_text(e: BaseException) -> str:
@@ -241,7 +233,7 @@ def main(name: str, doc: str, define: Callable[[flags.FlagValues], None], run: C
         if verbose:
             traceback.print_exc()
         problem = None
-        if not isinstance(e, _expected_types()) and "jax" in sys.modules:
+        if not isinstance(e, EXPECTED) and "jax" in sys.modules:
             from hrdecoder_jax import runtime
             problem = runtime.platform_problem()       # e.g. JAX_PLATFORMS=cuda without a GPU backend
         print(f"error: {problem or describe(e)}", file=sys.stderr, flush=True)

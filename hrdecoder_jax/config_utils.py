@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any, Mapping, Sequence
 
 import ml_collections
+
+from hrdecoder_jax.errors import ExpectedError
 
 # model.test_cfg.weighting: how overlapping slide windows are averaged. "uniform" is the reference's plain
 # mean (the paper's protocol); "gaussian" weights each window by MONAI's importance map (a Gaussian centred
@@ -52,10 +55,8 @@ def model_config(*, kind: str = "HRDecoder", width: int = 48, hr_scale=(960, 960
     m.dtype = dtype                    # compute dtype of convolutions; parameters stay float32
     m.backbone = ml_collections.ConfigDict({"type": "HRNet", "extra": hrnet_extra(
         width, num_modules=num_modules, num_blocks=num_blocks)})
-    concat_channels = width * (1 + 2 + 4 + 8)
-    head_in = visual_dim if (kind == "EfficientHRDecoder" and visual_dim) else concat_channels
     m.decode_head = ml_collections.ConfigDict(dict(
-        in_channels=head_in,           # 720 for W48: all branches upsampled and concatenated
+        in_channels=0,                 # set below (head_in_channels): 720 for W48, all branches concatenated
         channels=channels,
         kernel_size=kernel_size,
         num_convs=num_convs,
@@ -82,6 +83,7 @@ def model_config(*, kind: str = "HRDecoder", width: int = 48, hr_scale=(960, 960
         weighting=test_weighting,      # slide windows averaged 'uniform' (reference) or 'gaussian' (MONAI)
         sigma_scale=test_sigma_scale,  # gaussian: sigma = sigma_scale * window size, per axis
     ))
+    m.decode_head.in_channels = head_in_channels(m)
     return m
 
 
@@ -89,10 +91,44 @@ def fcn_baseline_config(*, width: int = 48, **kwargs) -> ml_collections.ConfigDi
     """The paper's FCN baselines (``fcn_hr48_*``): resize-concat head with a 1x1 kernel and
     ``channels`` equal to the concatenated width."""
     m = model_config(kind="FCN", width=width, **kwargs)
-    c = width * 15
-    m.decode_head.update(in_channels=c, channels=c, kernel_size=1, num_convs=1, compress=False)
     m.hr_settings = None
+    c = head_in_channels(m)
+    m.decode_head.update(in_channels=c, channels=c, kernel_size=1, num_convs=1, compress=False)
     return m
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shapes a model section implies: the one definition that the config check and the model both use
+# ----------------------------------------------------------------------------------------------------------
+
+
+def head_in_channels(model) -> int:
+    """The decode head's input width: the Efficient-HRDecoder compressor's ``hr_settings.visual_dim``, or
+    else all HRNet branches upsampled and concatenated (the sum of ``stage4.num_channels``: 15 x width)."""
+    hr = model["hr_settings"]
+    if model["type"] == "EfficientHRDecoder" and hr is not None and hr.get("visual_dim"):
+        return int(hr["visual_dim"])
+    return int(sum(model["backbone"]["extra"]["stage4"]["num_channels"]))
+
+
+def feature_size(hr_scale: Sequence[int]) -> tuple[int, int]:
+    """``lr_feat`` spatial size ``(h, w)``: HRNet's stride-4 branch of an ``hr_scale`` image (ceiling
+    division, as the stride-2 convolutions round up)."""
+    return -(-int(hr_scale[0]) // 4), -(-int(hr_scale[1]) // 4)
+
+
+def max_hr_crop(hr_scale: Sequence[int], scale_ratio: Sequence[float] | None, divisible: int) -> tuple[int, int]:
+    """The largest HR crop side ``(h, w)`` a random draw can give: ``hr_scale`` scaled by less than
+    ``scale_ratio[1]`` and floored to a multiple of ``divisible`` (``hr_scale`` itself without a ratio)."""
+    if not scale_ratio:
+        return tuple(int(s) for s in hr_scale)
+    d, top = int(divisible), scale_ratio[1]
+
+    def largest(s):  # ratio < top strictly: an exact multiple s * top is never reached
+        n = s * top / d
+        return int((math.ceil(n) - 1) * d) if n == int(n) else int(n) * d
+
+    return tuple(largest(s) for s in hr_scale)
 
 
 def field(cfg, key: str, default=None):
@@ -105,7 +141,7 @@ def field(cfg, key: str, default=None):
     return default if value is None else value
 
 
-class ConfigError(ValueError):
+class ConfigError(ExpectedError, ValueError):
     """An invalid setting; the message names the field and says why."""
 
 
@@ -197,16 +233,14 @@ def validate_model_config(model: ml_collections.ConfigDict, train_size: Sequence
     image size ``(H, W)`` of whole-image inference.
     """
     window_weighting(model.test_cfg)
-    extra = model.backbone.extra
-    widths = extra.stage4.num_channels
     head = model.decode_head
+    expected_in = head_in_channels(model)
     if model.type == "FCN":
-        if head.in_channels != sum(widths):
+        if head.in_channels != expected_in:
             raise ConfigError(f"model.decode_head.in_channels={head.in_channels} but the backbone "
-                              f"concatenates {sum(widths)} channels")
+                              f"concatenates {expected_in} channels")
         return
     hr = model.hr_settings
-    expected_in = hr.visual_dim if model.type == "EfficientHRDecoder" else sum(widths)
     if head.in_channels != expected_in:
         raise ConfigError(f"model.decode_head.in_channels={head.in_channels} but the "
                           f"{'compressor' if model.type == 'EfficientHRDecoder' else 'backbone'} gives "
@@ -232,15 +266,13 @@ def validate_model_config(model: ml_collections.ConfigDict, train_size: Sequence
     for name, size in sizes.items():
         if size is None:
             continue
-        for side, s in zip(("height", "width"), size):
-            feat = hr_scale[0 if side == "height" else 1] // 4
+        for side, s, feat in zip(("height", "width"), size, feature_size(hr_scale)):
             if s % feat or (s // feat) and d % (s // feat):
                 raise ConfigError(
                     f"{name}={tuple(size)}: the {side} {s} must be a multiple of the feature size {feat} "
                     f"(hr_scale/4) with a ratio dividing divisible={d}, so boxes map exactly onto the feature grid")
         if hr.scale_ratio is not None:
-            top = max(int(x * hr.scale_ratio[1] // d * d) - (d if x * hr.scale_ratio[1] % d == 0 else 0)
-                      for x in hr_scale)
+            top = max(max_hr_crop(hr_scale, hr.scale_ratio, d))
             if name.startswith("training") and top > min(size):
                 raise ConfigError(f"{name}={tuple(size)} is smaller than the largest HR crop {top} "
                                   "(hr_scale x scale_ratio max)")
@@ -248,6 +280,10 @@ def validate_model_config(model: ml_collections.ConfigDict, train_size: Sequence
 
 # data.label_mode: the fused reference label (int32 0..4) or the four masks.
 LABEL_MODES = ("overwrite", "multilabel")
+# data.validate_on: the held-out split, or the test split (the reference's checkpoint selection).
+VALIDATE_ON = ("val", "test")
+# optimizer.name (optim.make_optimizer).
+OPTIMIZERS = ("sgd", "adamw")
 
 IDRID_MEAN = (116.513, 56.437, 16.309)
 IDRID_STD = (80.206, 41.232, 13.293)
@@ -355,6 +391,20 @@ def optimizer_config() -> ml_collections.ConfigDict:
     ))
 
 
+def smoke_schedule(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` set to the seconds-long runs of the tests and smoke checks (``configs/tiny.py``,
+    ``configs/synthetic.py:toy``): 4 steps of batch 4 (2 of warm-up), logged every step, validated on one
+    held-out image and saved every 2 steps. Returns ``config``."""
+    config.data.val_count = 1
+    config.total_steps = 4
+    config.global_batch_size = 4
+    config.log_every = 1
+    config.eval_every = 2
+    config.checkpoint_every = 2
+    config.optimizer.warmup_steps = 2
+    return config
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Every field a training config has, with the IDRiD paper values; config files override parts.
 
@@ -411,10 +461,18 @@ def validate_data_config(data: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"data.{name}={tuple(data[name])!r} needs one value per RGB channel")
     if min(data.std) <= 0:
         raise ConfigError(f"data.std={tuple(data.std)} must be positive")
-    if data.validate_on not in ("val", "test"):
-        raise ConfigError(f"data.validate_on must be 'val' or 'test', got {data.validate_on!r}")
-    if data.label_mode not in LABEL_MODES:
-        raise ConfigError(f"data.label_mode must be 'overwrite' or 'multilabel', got {data.label_mode!r}")
+    _check_choice("data.validate_on", data.validate_on, VALIDATE_ON)
+    _check_choice("data.label_mode", data.label_mode, LABEL_MODES)
+
+
+def validate_optimizer_config(opt: ml_collections.ConfigDict) -> None:
+    """The optimiser's name (``make_optimizer`` builds what this lets through). Raises ``ConfigError``."""
+    _check_choice("optimizer.name", opt.name, OPTIMIZERS)
+
+
+def _check_choice(name: str, value, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be {' or '.join(map(repr, choices))}, got {value!r}")
 
 
 SECTIONS = {"model": "config_utils.model_config(...)",
@@ -443,7 +501,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.grad_accum_steps < 1 or config.global_batch_size % config.grad_accum_steps:
         raise ConfigError(f"grad_accum_steps={config.grad_accum_steps} must divide "
                           f"global_batch_size={config.global_batch_size}")
-    if config.optimizer.name not in ("sgd", "adamw"):
-        raise ConfigError(f"optimizer.name must be 'sgd' or 'adamw', got {config.optimizer.name!r}")
+    validate_optimizer_config(config.optimizer)
     w, h = config.data.test_scale
     validate_model_config(config.model, tuple(config.data.crop_size), (h, w))

@@ -29,10 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from hrdecoder_jax import LESIONS, __version__
-from hrdecoder_jax.config_utils import field, window_weighting
+from hrdecoder_jax.config_utils import window_weighting
 from hrdecoder_jax.ops import library
-from hrdecoder_jax.workdir import write_file
 from hrdecoder_jax.serving import FORMAT_VERSION, MANIFEST, ONNX_FILE, STABLEHLO_FILE
+from hrdecoder_jax.workdir import write_file
 
 FORMATS = ("stablehlo", "onnx")
 INPUT_NAME, OUTPUT_NAMES = "images", ("probabilities", "logits")
@@ -60,7 +60,7 @@ def serving_function(model, config) -> Callable[[jax.Array], tuple[jax.Array, ja
     final resize to the photo's size. Traceable with a symbolic batch size."""
     from hrdecoder_jax.inference import inference, make_forward
 
-    if not field(config.data, "quantize_uint8", True):
+    if not config.data.quantize_uint8:
         raise ExportError("data.quantize_uint8=False: the exported function takes uint8 images, which are the "
                           "quantised ones; export a config that quantises (the default)")
     window_weighting(config.model.test_cfg)

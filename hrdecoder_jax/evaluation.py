@@ -12,15 +12,11 @@ the number of images (see ``docs/evaluation.md`` for a measurement at IDRiD reso
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 from typing import Any, Callable
 
 import numpy as np
-
-from hrdecoder_jax.config_utils import field
-
 
 
 def _label_of(batch: dict) -> np.ndarray:
@@ -81,19 +77,18 @@ def evaluate(model, config, *, split: str | None = None, max_images: int | None 
             forward = make_forward(model)
         else:
             forward = model
-    eval_cfg = field(config, "eval", {})
     if dataset is None:
-        split = split or field(eval_cfg, "split", "test")
+        split = split or config.eval.split
         from hrdecoder_jax.data import open_split
         dataset = open_split(config.data, split)
     if max_images is None:
-        max_images = field(eval_cfg, "max_images")
+        max_images = config.eval.max_images
     if max_images is not None:
         dataset = dataset.take(int(max_images))
     total = int(dataset.cardinality())
     total_text = str(total) if total >= 0 else "?"
     test_cfg = config.model.test_cfg
-    accumulator = LesionMetricAccumulator(num_fine_thresholds=field(eval_cfg, "num_fine_thresholds"))
+    accumulator = LesionMetricAccumulator(num_fine_thresholds=config.eval.num_fine_thresholds)
     names: list[str] = []
     t_start = time.perf_counter()
     for i, batch in enumerate(make_eval_dataset(dataset, config.data)):
@@ -110,7 +105,7 @@ def evaluate(model, config, *, split: str | None = None, max_images: int | None 
             print(f"[{i + 1}/{total_text}] {names[-1]} {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
     if not names:
         from hrdecoder_jax.data.contract import DatasetError
-        raise DatasetError(f"the {split or 'given'} split of {field(config.data, 'name', 'the dataset')} has no images "
+        raise DatasetError(f"the {split or 'given'} split of {config.data.name} has no images "
                            "to evaluate")
     results = accumulator.compute()
     results["names"] = names
@@ -118,26 +113,3 @@ def evaluate(model, config, *, split: str | None = None, max_images: int | None 
     results["pr_curve_reference"] = accumulator.pr_curve("reference")
     results["seconds"] = time.perf_counter() - t_start
     return results
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Outputs
-# ----------------------------------------------------------------------------------------------------------
-
-
-def jsonable(obj):
-    """``obj`` with numpy arrays/scalars as lists/floats and NaN as None, for ``json.dump``."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray) or hasattr(obj, "__array__") and not isinstance(obj, (str, bytes)):
-        return jsonable(np.asarray(obj).tolist())
-    if isinstance(obj, (np.floating, float)):
-        value = float(obj)
-        return None if math.isnan(value) else value
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, bytes):
-        return obj.decode()
-    return obj

@@ -16,7 +16,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from hrdecoder_jax import config_utils
 from hrdecoder_jax.ops import library
 
 
@@ -60,11 +59,9 @@ def make_optimizer(opt: ml_collections.ConfigDict, total_steps: int) -> Optimize
     if opt.name == "sgd":
         tx = optax.chain(optax.add_decayed_weights(opt.weight_decay), optax.sgd(schedule, momentum=opt.momentum))
         hyper = dict(momentum=float(opt.momentum), weight_decay=float(opt.weight_decay))
-    elif opt.name == "adamw":
+    else:   # "adamw": config_utils.validate_optimizer_config lets no other name through
         tx = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=ADAM_EPS, weight_decay=opt.weight_decay)
         hyper = dict(b1=float(opt.b1), b2=float(opt.b2), eps=ADAM_EPS, weight_decay=float(opt.weight_decay))
-    else:
-        raise config_utils.ConfigError(f"optimizer.name must be 'sgd' or 'adamw', got {opt.name!r}")
     return Optimizer(tx.init, tx.update, opt.name, hyper, schedule)
 
 

@@ -111,22 +111,30 @@ def cache_dir() -> str | None:
     return os.path.abspath(os.path.expanduser(value))
 
 
+def enable_compilation_cache() -> str | None:
+    """Turn on JAX's persistent compilation cache in ``cache_dir()`` (programs that took over a second to
+    compile); returns the folder, or None when it is off or cannot be made."""
+    directory = cache_dir()
+    if not directory:
+        return None
+    import jax
+    try:
+        os.makedirs(directory, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", directory)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    except OSError as e:   # a read-only home: run without the cache rather than fail
+        _log.warning("compilation cache %s unavailable (%s); compiling every run", directory, e.strerror)
+        return None
+    return directory
+
+
 def configure(purpose: str = "train", *, tensorflow: bool = True, quiet: bool = True) -> None:
     """Set XLA's CPU options for ``purpose`` ('train' or 'inference'), turn on the compilation cache, hide
     the GPUs from TensorFlow (``tensorflow=False``: a command that never uses TensorFlow does not import it;
     ``quiet``: without TensorFlow's start-up banner). The CPU kernels follow ``HRDECODER_JAX_CPU_KERNELS``
     (``ops/library.py``)."""
     apply_xla_cpu_flags(purpose)
-    import jax
-
-    directory = cache_dir()
-    if directory:
-        try:
-            os.makedirs(directory, exist_ok=True)
-            jax.config.update("jax_compilation_cache_dir", directory)
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-        except OSError as e:   # a read-only home: run without the cache rather than fail
-            _log.warning("compilation cache %s unavailable (%s); compiling every run", directory, e.strerror)
+    enable_compilation_cache()
     if tensorflow:
         hide_gpus_from_tensorflow(quiet=quiet)
 

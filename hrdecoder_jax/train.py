@@ -17,9 +17,7 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
-import sys
 import threading
 import time
 from typing import Any
@@ -33,103 +31,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from hrdecoder_jax import checkpoint, config_utils
 from hrdecoder_jax.models import build_model, count_params
-from hrdecoder_jax.workdir import WorkdirLock, check_writable
 from hrdecoder_jax.optim import learning_rate_schedule, make_optimizer
 from hrdecoder_jax.train_step import jit_train_step, make_mesh, make_train_step, merge_model, split_for_training
+from hrdecoder_jax.workdir import MetricsLog, WorkdirLock, check_writable, config_file, metrics_log, read_metrics_log
 
 # ----------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------
-
-
-def _now() -> float:
-    return time.perf_counter()
-
-
-class MetricsLog:
-    """JSON-lines metrics file plus TensorBoard event files (process 0 only).
-
-    A line torn by a kill or a full disk (only the last one can be: the file is only appended to) is cut
-    off with a notice before the run appends, so every line of the file stays one JSON document."""
-
-    def __init__(self, workdir: str, enabled: bool, say=print):
-        self.enabled = enabled
-        self.writer = None
-        self.file = None
-        path = None
-        if not enabled and jax.process_count() > 1:
-            # Other processes keep a private log of the (replicated) values, so runs can be compared.
-            path = os.path.join(workdir, f"metrics.process{jax.process_index()}.jsonl")
-        if enabled:
-            path = os.path.join(workdir, "metrics.jsonl")
-        if path is not None:
-            _cut_torn_line(path, say)
-            self.file = open(path, "a")
-        if enabled:
-            try:
-                from clu import metric_writers
-                self.writer = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"),
-                                                                   asynchronous=True)
-            except Exception as e:  # noqa: BLE001 - TensorBoard is a convenience; the JSON log is the record
-                logging.warning("TensorBoard writer unavailable (%s); metrics.jsonl only", e)
-
-    def write(self, step: int, kind: str, values: dict[str, float]) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
-            self.file.flush()
-        if self.writer is not None:
-            self.writer.write_scalars(step, {f"{kind}/{k}": v for k, v in values.items()
-                                             if isinstance(v, (int, float)) and math.isfinite(v)})
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
-            self.file = None
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
-            self.writer = None
-
-
-def _cut_torn_line(path: str, say) -> None:
-    """Cut ``path`` back to its last complete line (one that ends in a newline), saying what was dropped."""
-    try:
-        f = open(path, "rb+")
-    except FileNotFoundError:
-        return
-    with f:
-        size = f.seek(0, os.SEEK_END)
-        if size == 0:
-            return
-        f.seek(size - 1)
-        if f.read(1) == b"\n":
-            return
-        keep, end = 0, size
-        while end > 0:                   # back to the last newline (0 when the file has none)
-            start = max(0, end - 4096)
-            f.seek(start)
-            cut = f.read(end - start).rfind(b"\n")
-            if cut >= 0:
-                keep = start + cut + 1
-                break
-            end = start
-        f.truncate(keep)
-    say(f"[log] {path}: dropped its torn last line ({size - keep} bytes, left by an interrupted write)")
-
-
-def read_metrics_log(path: str) -> list[dict]:
-    """The records of a ``metrics.jsonl`` (a line that is not one JSON document is skipped)."""
-    rows = []
-    try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    continue
-    except FileNotFoundError:
-        pass
-    return rows
 
 
 def format_train_line(done: int, total: int, values: dict[str, float], rate: float, eta_s: float) -> str:
@@ -160,32 +68,11 @@ class Start:
 
 
 def _restore_latest(model, tx, source: checkpoint.Checkpointer, say, model_config=None) -> tuple[dict, int] | None:
-    """The newest intact training checkpoint of ``source``, or None when there is none. A corrupt step (a
-    digest that differs, a file that cannot be read) is moved to ``corrupt/`` with a notice and the previous
-    one tried, but never the last one left: the run then stops, and the next one finds the step where it
-    was instead of starting from scratch. A checkpoint that does not fit (another model config, shapes or
-    optimizer: ``CheckpointMismatchError``) is an error and moves nothing."""
-    target = checkpoint.model_state(model)
+    """The newest intact training checkpoint of ``source`` (``Checkpointer.restore_latest``: a corrupt step is
+    moved aside and the previous one tried), or None when there is none."""
     _, params, _ = split_for_training(model)
-    opt_target = tx.init(params)
-    steps = source.steps()
-    for i, step in enumerate(steps):
-        try:
-            return source.restore(step, model_target=target, opt_state_target=opt_target,
-                                  model_config=model_config), step
-        except checkpoint.CheckpointCorruptError as e:
-            if i == len(steps) - 1:
-                raise checkpoint.CheckpointCorruptError(
-                    f"{e}; it is the last checkpoint left, so it stays where it is and nothing is trained: "
-                    f"restore its files, or move {source.workdir} away to start again") from None
-            say(f"[resume] {e}; falling back to the previous checkpoint")
-            if jax.process_index() == 0:
-                corrupt = os.path.join(source.workdir, "corrupt", str(step))
-                os.makedirs(os.path.dirname(corrupt), exist_ok=True)
-                shutil.move(os.path.join(source.workdir, checkpoint.LATEST_DIR, str(step)), corrupt)
-                say(f"[resume] moved the corrupt step to {corrupt}")
-            source.reload()
-    return None
+    return source.restore_latest(model_target=checkpoint.model_state(model), opt_state_target=tx.init(params),
+                                 model_config=model_config, say=say)
 
 
 def initial_state(model, tx, config, workdir: str, ckpt: checkpoint.Checkpointer, say=print) -> Start:
@@ -203,7 +90,7 @@ def initial_state(model, tx, config, workdir: str, ckpt: checkpoint.Checkpointer
             found = _restore_latest(model, tx, source, say, config.model)
         except checkpoint.CheckpointMismatchError as e:
             run = os.path.expanduser(workdir if kind == "workdir" else config.resume_from)
-            first = os.path.join(run, "config.json")
+            first = config_file(run)
             changed = ""
             if "optimizer state" in str(e) and os.path.exists(first):   # the model is named already
                 try:
@@ -240,7 +127,7 @@ def initial_state(model, tx, config, workdir: str, ckpt: checkpoint.Checkpointer
                 raise type(e)(f"config.init_from: {e}") from None
             origin = f"initialised from Orbax checkpoint {src} (step {meta.get('step')})"
         else:
-            from hrdecoder_jax.convert import WeightImportError, load_torch_weights
+            from hrdecoder_jax.weights import WeightImportError, load_torch_weights
             try:
                 report = load_torch_weights(model, src)
             except (WeightImportError, FileNotFoundError) as e:
@@ -301,7 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final
 class _Run:
     """The state of one training run and what is done with it: checkpoints, validation, evaluation."""
 
-    def __init__(self, config, workdir: str, start: Start, ckpt: checkpoint.Checkpointer, log: "MetricsLog",
+    def __init__(self, config, workdir: str, start: Start, ckpt: checkpoint.Checkpointer, log: MetricsLog,
                  mesh, val_ds, say):
         self.config, self.workdir, self.ckpt, self.log, self.val_ds, self.say = config, workdir, ckpt, log, val_ds, say
         self.structure, self.best_miou = start.structure, start.best_miou
@@ -335,7 +222,7 @@ class _Run:
     def validated(self, step: int) -> bool:
         """Whether the metrics log holds a validation of ``step`` (a finished run's last one)."""
         return any(row.get("kind") == "val" and row.get("step") == step
-                   for row in read_metrics_log(os.path.join(self.workdir, "metrics.jsonl")))
+                   for row in read_metrics_log(metrics_log(self.workdir)))
 
 
 def _train(config, workdir: str, *, final_eval: bool, stop_after: int | None) -> dict:
@@ -372,7 +259,7 @@ def _train(config, workdir: str, *, final_eval: bool, stop_after: int | None) ->
     say(f"[init] {start.origin}")
     if is_main:
         _record_config(config, workdir, start.resumed_from, say)
-    log = MetricsLog(workdir, is_main, say)
+    log = MetricsLog(workdir, jax.process_index(), jax.process_count(), say)
     run = _Run(config, workdir, start, ckpt, log, mesh, val_ds, say)
     run.fingerprint = fingerprint
     result: dict = {"train": {}, "steps": config.total_steps, "seconds": 0.0}
@@ -402,8 +289,8 @@ def _record_config(config, workdir: str, resumed_from: str | None, say) -> None:
     """``config.json`` of the run: written by the run that starts it and kept by every resume, which says
     what it changed (``[resume] changed: total_steps 300 -> 800, ...``); a run that continues another
     workdir's (``resume_from``) compares with that run's ``config.json``."""
-    path = os.path.join(workdir, "config.json")
-    first = os.path.join(resumed_from, "config.json") if resumed_from else None
+    path = config_file(workdir)
+    first = config_file(resumed_from) if resumed_from else None
     if first and os.path.exists(first):
         try:
             with open(first) as f:
@@ -439,42 +326,25 @@ def _wait_for_all(name: str) -> None:
 
 def _final_evaluation(run: _Run, *, finished_before: bool, step: int) -> dict:
     """The test metrics of the final model (of ``step``): computed once and stored in
-    ``metrics_<split>.json``; a re-run of a finished run prints the stored ones."""
-    from hrdecoder_jax.evaluation import evaluate, jsonable
+    ``metrics_<split>.json`` (``reports.write_results``); a re-run of a finished run prints the stored ones."""
+    from hrdecoder_jax import reports
+    from hrdecoder_jax.evaluation import evaluate
     from hrdecoder_jax.metrics import format_table
-    from hrdecoder_jax.workdir import atomic_write
 
     config = run.config
     path = os.path.join(run.workdir, f"metrics_{config.eval.split}.json")
     if finished_before and os.path.exists(path):
-        res = _read_results(path)
+        res = reports.read_results(path)
         run.say(f"\nTest metrics ({config.eval.split} split, step {step}; stored in {path}):")
     else:
         res = evaluate(run.model(), config, split=config.eval.split, max_images=config.eval.max_images)
         run.say(f"\nTest metrics ({config.eval.split} split, step {step}):")
         run.say(format_table(res).rstrip("\n"))
         if jax.process_index() == 0:
-            with atomic_write(path) as f:                # never a half-written results file
-                json.dump(jsonable(res), f, indent=2)
+            reports.write_results(res, path)
         return res
     run.say(format_table(res).rstrip("\n"))
     return res
-
-
-def _read_results(path: str) -> dict:
-    """A stored ``metrics_<split>.json`` with NaN restored (JSON has none)."""
-    import numpy as np
-    with open(path) as f:
-        raw = json.load(f)
-
-    def value(v):
-        if v is None:
-            return np.nan
-        if isinstance(v, list) and v and all(x is None or isinstance(x, (int, float)) for x in v):
-            return np.asarray([np.nan if x is None else x for x in v], np.float64)
-        return v
-
-    return {k: value(v) for k, v in raw.items()}
 
 
 def _loop(run: _Run, tx, mesh, train_ds, start_step: int, stop_after: int | None) -> dict:

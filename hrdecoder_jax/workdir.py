@@ -1,5 +1,22 @@
-"""A run's workdir: checked writable before work starts, locked so that two runs never share it, and the one
-way every command writes an output file (``atomic_write``: a temporary name, renamed when complete).
+"""A run's workdir: its layout (the one place that names its files), the check that it is writable before
+work starts, the lock that keeps two runs apart, and the one way every command writes an output file
+(``atomic_write``: a temporary name, renamed when complete).
+
+Layout of a workdir (``train`` writes all of it; ``convert`` a model-only ``checkpoints/0``; ``evaluate``
+an ``eval_<split>_<step>/`` folder)::
+
+    .lock                          the lock of the run that uses it (below); empty when released
+    config.json                    the config of the run that started it (a resume keeps it, ``config_file``)
+    metrics.jsonl                  one JSON line per log or validation (``metrics_log``); in a multi-process
+    metrics.process<i>.jsonl       run the other processes' private copies of the same values
+    tensorboard/                   TensorBoard event files of the same values (``tensorboard_dir``)
+    checkpoints/<step>/            the latest training states: model, opt_state, meta, digests (``checkpoint``)
+    best/<step>/                   the best model by validation mIoU: model, meta, digests
+    corrupt/<step>/                training steps whose bytes failed verification, moved aside by
+                                   ``checkpoint.Checkpointer.quarantine``
+    metrics_<split>.json           the final test evaluation of training (``reports.write_results``)
+    eval_<split>_<step>/           what ``evaluate`` writes of a model: ``metrics.json``, ``per_image.csv``,
+                                   ``pr_curves.png`` (``reports.write_outputs``; ``eval_dir``)
 
 The lock is ``WORKDIR/.lock``: an advisory ``flock`` held for the life of the run (the kernel drops it when
 the process dies, however it dies) plus a JSON line naming the holder (host, pid, command, start time).
@@ -15,18 +32,49 @@ import datetime
 import errno
 import fcntl
 import json
+import math
 import os
 import socket
 import sys
 import tempfile
 
+from absl import logging
+
+from hrdecoder_jax.errors import ExpectedError
+
 LOCK_NAME = ".lock"
+CONFIG_NAME = "config.json"
+LATEST_DIR = "checkpoints"
+BEST_DIR = "best"
+CORRUPT_DIR = "corrupt"
+TENSORBOARD_DIR = "tensorboard"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)               # read once: the permissions a plain open() would give a new file
 
 
-class WorkdirError(RuntimeError):
+class WorkdirError(ExpectedError, RuntimeError):
     """The workdir cannot be used (not writable, or in use by another run); the message names it."""
+
+
+def config_file(workdir: str) -> str:
+    """``WORKDIR/config.json``: the config of the run that started the workdir."""
+    return os.path.join(workdir, CONFIG_NAME)
+
+
+def metrics_log(workdir: str, process_index: int = 0) -> str:
+    """The metrics log of process ``process_index``: ``metrics.jsonl`` (process 0, the record of the run), or
+    ``metrics.process<i>.jsonl`` (the other processes' private copies)."""
+    name = "metrics.jsonl" if process_index == 0 else f"metrics.process{process_index}.jsonl"
+    return os.path.join(workdir, name)
+
+
+def tensorboard_dir(workdir: str) -> str:
+    return os.path.join(workdir, TENSORBOARD_DIR)
+
+
+def eval_dir(workdir: str, split: str, step: int) -> str:
+    """Where the test results of ``split`` at ``step`` go: ``WORKDIR/eval_<split>_<step>``."""
+    return os.path.join(workdir, f"eval_{split}_{step}")
 
 
 def probe_writable(path: str) -> None:
@@ -149,3 +197,93 @@ class WorkdirLock:
     def __exit__(self, *exc):
         self.release()
         return False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The metrics log
+# ----------------------------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """The metrics log of a run: ``metrics.jsonl`` plus TensorBoard event files (process 0; with several
+    processes the others write ``metrics.process<i>.jsonl`` alone).
+
+    A line torn by a kill or a full disk (only the last one can be: the file is only appended to) is cut
+    off with a notice before the run appends, so every line of the file stays one JSON document."""
+
+    def __init__(self, workdir: str, process_index: int = 0, process_count: int = 1, say=print):
+        enabled = process_index == 0
+        self.enabled = enabled
+        self.writer = None
+        self.file = None
+        path = None
+        if enabled or process_count > 1:
+            # Other processes keep a private log of the (replicated) values, so runs can be compared.
+            path = metrics_log(workdir, process_index)
+        if path is not None:
+            _cut_torn_line(path, say)
+            self.file = open(path, "a")
+        if enabled:
+            try:
+                from clu import metric_writers
+                self.writer = metric_writers.create_default_writer(tensorboard_dir(workdir), asynchronous=True)
+            except Exception as e:  # noqa: BLE001 - TensorBoard is a convenience; the JSON log is the record
+                logging.warning("TensorBoard writer unavailable (%s); metrics.jsonl only", e)
+
+    def write(self, step: int, kind: str, values: dict[str, float]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+            self.file.flush()
+        if self.writer is not None:
+            self.writer.write_scalars(step, {f"{kind}/{k}": v for k, v in values.items()
+                                             if isinstance(v, (int, float)) and math.isfinite(v)})
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+            self.file = None
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+            self.writer = None
+
+
+def _cut_torn_line(path: str, say) -> None:
+    """Cut ``path`` back to its last complete line (one that ends in a newline), saying what was dropped."""
+    try:
+        f = open(path, "rb+")
+    except FileNotFoundError:
+        return
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        keep, end = 0, size
+        while end > 0:                   # back to the last newline (0 when the file has none)
+            start = max(0, end - 4096)
+            f.seek(start)
+            cut = f.read(end - start).rfind(b"\n")
+            if cut >= 0:
+                keep = start + cut + 1
+                break
+            end = start
+        f.truncate(keep)
+    say(f"[log] {path}: dropped its torn last line ({size - keep} bytes, left by an interrupted write)")
+
+
+def read_metrics_log(path: str) -> list[dict]:
+    """The records of a ``metrics.jsonl`` (a line that is not one JSON document is skipped)."""
+    rows = []
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+    except FileNotFoundError:
+        pass
+    return rows

@@ -21,28 +21,19 @@ import time
 
 import numpy as np
 
-# A deliberately tiny model (width 4, 64 px) so every case runs in seconds; configs/tiny.py is the fixture's.
-CONFIG = '''from hrdecoder_jax import config_utils
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# The toy model of configs/synthetic.py:toy (width 4, 64 px) so every case runs in seconds; whole-image
+# tests, no validation, and the optimiser settings the recorded table was made with.
+CONFIG = '''from hrdecoder_jax import cli
 
 
 def get_config():
-    c = config_utils.base_config()
-    c.seed = 0
-    c.model = config_utils.model_config(width=4, num_modules=(1, 1, 1, 1), num_blocks=1, channels=8,
-                                        kernel_size=3, hr_scale=(32, 32), crop_num=2, test_mode="whole",
-                                        test_crop_size=(64, 64), test_stride=(32, 32))
-    c.data = config_utils.synthetic_data_config(image_size=(64, 64), num_train=7, num_test=2,
-                                                crop_size=(64, 64), ratio_range=(0.75, 1.25))
+    c = cli.load_config({toy!r})
     c.data.data_dir = {data!r}
-    c.data.val_count = 1
-    c.total_steps = 4
-    c.global_batch_size = 4
-    c.log_every = 1
     c.eval_every = 0
-    c.checkpoint_every = 2
-    c.optimizer.warmup_steps = 2
-    c.optimizer.name = "adamw"
-    c.optimizer.lr = 1e-3
+    c.model.test_cfg.mode = "whole"
+    c.optimizer.update(lr=1e-3, weight_decay=5e-4)
     return c
 '''
 
@@ -51,7 +42,7 @@ class Cases:
     def __init__(self, root: pathlib.Path):
         self.root = root
         self.cfg = root / "toy.py"
-        self.cfg.write_text(CONFIG.format(data=str(root / "data")))
+        self.cfg.write_text(CONFIG.format(toy=str(REPO / "configs" / "synthetic.py:toy"), data=str(root / "data")))
         self.rows: list[tuple[str, int, str, str]] = []
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", HRDECODER_JAX_CACHE=str(root / "xla_cache"))
 
@@ -96,7 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
 def round_two(c: Cases, root: pathlib.Path, copy_run, conv, from_tiny: pathlib.Path) -> None:
     """The cases of the second audit (issue 19)."""
     import json
-    import zipfile
 
     from PIL import Image
 

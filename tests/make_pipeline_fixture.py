@@ -9,8 +9,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from hrdecoder_jax.data import augment
-from hrdecoder_jax.data import pipeline as P
+from hrdecoder_jax.data import augment, pipeline as P
 
 H, W, CROP, KEYS = 40, 60, 32, 16
 # Config cases: (name, overrides). ratio_range (0.5, 2.0) makes crops smaller than CROP (padding).

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hrdecoder_jax import checkpoint
+from hrdecoder_jax import checkpoint, cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.py")
@@ -45,8 +45,8 @@ print("kernels", library.in_effect())
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, fixtures_dir):
-    from test_evaluate import load_config, reference_model
-    config = load_config()
+    from test_evaluate import TINY, reference_model
+    config = cli.load_config(TINY)
     path = tmp_path_factory.mktemp("api_workdir")
     checkpoint.save_model(str(path), reference_model(config, fixtures_dir), config=config, source="fixture")
     return path

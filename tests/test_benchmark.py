@@ -10,7 +10,8 @@ import jax
 import pytest
 from flax import nnx
 
-from hrdecoder_jax import benchmark, config_utils
+from helpers import one_error_line_of
+from hrdecoder_jax import benchmark, cli, config_utils
 from hrdecoder_jax.models import build_model, count_params
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -22,7 +23,7 @@ CONFIG_SPECS = [
 
 
 def _config(spec):
-    return benchmark.load_config(str(REPO / spec))
+    return cli.load_config(str(REPO / spec))
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +133,9 @@ def test_configs_and_benchmark_need_no_tensorflow(tmp_path):
         "        if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets'):\n"
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "from hrdecoder_jax import benchmark\n"
+        "from hrdecoder_jax import benchmark, cli\n"
         f"for spec in {CONFIG_SPECS!r}:\n"
-        f"    benchmark.load_config({str(REPO)!r} + '/' + spec)\n"
+        f"    cli.load_config({str(REPO)!r} + '/' + spec)\n"
         f"assert benchmark.main(['--config', {str(REPO / 'configs' / 'tiny.py')!r}, '--what', 'flops_infer', "
         "'--json', 'bench.json']) == 0\n"
         "import json\n"
@@ -159,3 +160,13 @@ def test_gpu_benchmark_script_smoke_row(tmp_path):
     assert row["config"].endswith("configs/tiny.py") and row["params"] == 1_527_520
     assert row["train_compile_count"] == 1 and row["train_step_median_s"] > 0
     assert "== tiny" in (tmp_path / "log.txt").read_text()
+
+
+def test_benchmark_checks_its_json_output_before_measuring(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    from hrdecoder_jax import benchmark
+    (tmp_path / "a_file").write_text("x")
+    assert benchmark.main(["--config=configs/tiny.py", "--what=infer", f"--json={tmp_path / 'a_file' / 'b.json'}"]) == 1
+    captured = capsys.readouterr()
+    assert "device:" not in captured.out                      # nothing was measured
+    assert "--json's folder" in one_error_line_of(captured.err) and "not writable" in captured.err

@@ -11,9 +11,7 @@ from flax import nnx
 
 from hrdecoder_jax import config_utils
 from hrdecoder_jax.models import build_model
-from hrdecoder_jax.ops import batch_norm as BN
-from hrdecoder_jax.ops import conv as C
-from hrdecoder_jax.ops import library
+from hrdecoder_jax.ops import batch_norm as BN, conv as C, library
 
 DN = ("NHWC", "HWIO", "NHWC")
 ONEDNN_PLATFORM = platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")

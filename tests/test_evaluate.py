@@ -5,7 +5,7 @@ Models are built abstractly (``nnx.eval_shape``) and filled from the reference w
 init of even the tiny model costs ~20 s of CPU.
 """
 import csv
-import importlib.util
+import errno
 import json
 import os
 import pathlib
@@ -18,23 +18,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hrdecoder_jax import LESIONS, checkpoint
+from helpers import cfg_with
+from hrdecoder_jax import LESIONS, checkpoint, cli
 from hrdecoder_jax.models import build_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.py")
 
 
-def load_config(path=TINY):
-    spec = importlib.util.spec_from_file_location("test_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def reference_model(config, fixtures_dir):
     """The tiny model with the reference weights (state_dict .npz), in eval mode."""
-    from hrdecoder_jax.convert import load_torch_weights
+    from hrdecoder_jax.weights import load_torch_weights
 
     model = nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(0)))
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nnx.state(model))
@@ -48,7 +42,7 @@ def reference_model(config, fixtures_dir):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, fixtures_dir):
     """A model-only checkpoint (as ``convert`` writes) of the reference weights."""
-    config = load_config()
+    config = cli.load_config(TINY)
     path = tmp_path_factory.mktemp("converted")
     checkpoint.save_model(str(path), reference_model(config, fixtures_dir), config=config, source="fixture")
     return path
@@ -56,7 +50,7 @@ def workdir(tmp_path_factory, fixtures_dir):
 
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory):
-    config = load_config()
+    config = cli.load_config(TINY)
     config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
     return config
 
@@ -163,12 +157,12 @@ def test_slide_inference_averages_overlapping_window_logits():
 
 
 def test_evaluate_streams_and_matches_direct_metrics(restored, tiny_config, tmp_path):
-    from hrdecoder_jax.data.pipeline import make_eval_dataset
     from hrdecoder_jax.data import open_split
-    from hrdecoder_jax.evaluate import write_outputs
+    from hrdecoder_jax.data.pipeline import make_eval_dataset
     from hrdecoder_jax.evaluation import evaluate
     from hrdecoder_jax.inference import inference, probabilities
     from hrdecoder_jax.metrics import lesion_metrics, trapezoid_auc
+    from hrdecoder_jax.reports import write_outputs
 
     model, forward, _ = restored
     results = evaluate(model, tiny_config, progress=True, forward=forward)
@@ -322,3 +316,29 @@ def test_inspect_notebook_runs(workdir, tmp_path):
             else:
                 os.environ[k] = v
     assert figure.stat().st_size > 1000
+
+
+def test_evaluate_prints_first_and_never_leaves_a_partial_file(trained, tmp_path, capsys, monkeypatch):
+    root, _ = trained
+    from hrdecoder_jax import evaluate
+    args = [f"--config={cfg_with(tmp_path, root)}", f"--workdir={root / 'run'}", f"--output={tmp_path / 'e'}",
+            "--noprogress"]
+    assert evaluate.main(args) == 0
+    first = (tmp_path / "e" / "metrics.json").read_text()
+    doc = json.loads(first)
+    assert (doc["step"], doc["checkpoint"], doc["workdir"]) == (4, str(root / "run" / "checkpoints" / "4"),
+                                                                str(root / "run"))
+    capsys.readouterr()
+
+    def full_disk(obj, f, **kwargs):                          # the disk fills up halfway through metrics.json
+        f.write(json.dumps(obj, **kwargs)[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", full_disk)
+    assert evaluate.main(args) == 1
+    captured = capsys.readouterr()
+    assert "Class" in captured.out and "mean" in captured.out          # the table came first
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: disk full (no space left on device): {tmp_path / 'e' / 'metrics.json'}"]
+    assert (tmp_path / "e" / "metrics.json").read_text() == first     # the previous result, whole
+    assert sorted(p.name for p in (tmp_path / "e").iterdir()) == ["metrics.json", "per_image.csv", "pr_curves.png"]

@@ -36,7 +36,7 @@ def config():
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, fixtures_dir, config):
     """A model-only checkpoint of the reference weights of the tiny model."""
-    from hrdecoder_jax.convert import load_torch_weights
+    from hrdecoder_jax.weights import load_torch_weights
 
     model = nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(0)))
     nnx.update(model, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nnx.state(model)))

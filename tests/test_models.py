@@ -10,10 +10,11 @@ import optax
 import pytest
 from flax import nnx
 
+from helpers import draw_crop_boxes
 from hrdecoder_jax import config_utils
-from hrdecoder_jax.convert import WeightImportError, load_torch_weights, read_state_dict
-from hrdecoder_jax.models import build_model, count_params, draw_crop_boxes, slide_windows
+from hrdecoder_jax.models import build_model, count_params, slide_windows
 from hrdecoder_jax.models.resize import crop_resize_bilinear, resize_bilinear, upsample_to_box
+from hrdecoder_jax.weights import load_torch_weights
 
 STATE_NPZ = "tiny_w18_256_hr128_seed0_state_dict.npz"
 STATE_PTH = "tiny_w18_256_hr128_seed0_state_dict.pth"
@@ -137,47 +138,6 @@ def test_training_gradients_match_reference_in_float64(fixtures_dir, io):
         assert losses64["total"].dtype == jnp.float64
         for name, key in GRAD_KEYS.items():
             assert rel_err(flat64[key], _ref_grad(io, name)) < 1e-4, name
-
-
-def test_weights_load_from_pth_and_npz_identically(fixtures_dir):
-    pytest.importorskip("torch")
-    a, b = read_state_dict(fixtures_dir / STATE_PTH), read_state_dict(fixtures_dir / STATE_NPZ)
-    assert a.keys() == b.keys()
-    model = build_model(tiny_config(), rngs=nnx.Rngs(1))
-    report = load_torch_weights(model, fixtures_dir / STATE_PTH)
-    assert report.missing == [] and report.unexpected == []
-    assert all(k.endswith("num_batches_tracked") for k in report.ignored) and len(report.ignored) == 55
-    assert len(report.loaded) == 277
-
-
-def test_wrapped_prefixed_and_bare_backbone_checkpoints(fixtures_dir):
-    sd = read_state_dict(fixtures_dir / STATE_NPZ)
-    wrapped = {"state_dict": {"module." + k: v for k, v in sd.items()}, "meta": {}}
-    model = build_model(tiny_config(), rngs=nnx.Rngs(1))
-    report = load_torch_weights(model, wrapped)
-    assert not report.missing and not report.unexpected
-    # An ImageNet HRNet checkpoint: backbone keys without prefix plus classification layers.
-    bare = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-    bare["classifier.weight"] = np.zeros((1000, 2048), np.float32)
-    bare["incre_modules.0.0.conv1.weight"] = np.zeros((32, 18, 1, 1), np.float32)
-    report = load_torch_weights(build_model(tiny_config(), rngs=nnx.Rngs(2)), bare)
-    assert report.unexpected == []
-    assert "classifier.weight" in report.ignored and "incre_modules.0.0.conv1.weight" in report.ignored
-    assert report.missing and all(k.startswith("decode_head.") for k in report.missing)
-
-
-def test_wrong_key_and_shape_are_reported(fixtures_dir):
-    sd = read_state_dict(fixtures_dir / STATE_NPZ)
-    renamed = dict(sd)
-    renamed["decode_head.conv_segX.weight"] = renamed.pop("decode_head.conv_seg.weight")
-    report = load_torch_weights(build_model(tiny_config(), rngs=nnx.Rngs(0)), renamed)
-    assert report.missing == ["decode_head.conv_seg.weight"]
-    assert report.unexpected == ["decode_head.conv_segX.weight"]
-    assert "decode_head.conv_seg.weight" in report.summary()
-    bad = dict(sd)
-    bad["decode_head.conv_seg.weight"] = np.zeros((5, 64, 1, 1), np.float32)
-    with pytest.raises(WeightImportError, match=r"decode_head\.conv_seg\.weight.*\(5, 64, 1, 1\).*\(4, 64, 1, 1\)"):
-        load_torch_weights(build_model(tiny_config(), rngs=nnx.Rngs(0)), bad)
 
 
 def test_traced_crop_resize_equals_static_crop_then_resize():

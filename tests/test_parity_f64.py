@@ -19,8 +19,8 @@ import pytest
 from flax import nnx
 
 from hrdecoder_jax import config_utils
-from hrdecoder_jax.convert import load_torch_weights, torch_name
 from hrdecoder_jax.models import build_model
+from hrdecoder_jax.weights import load_torch_weights, torch_name
 
 TOLERANCE = 1e-10   # relative to the largest magnitude of each compared array
 

@@ -6,12 +6,17 @@ Conventions checked against hand-computed values: mmcv imrescale sizes, cv2 INTE
 the border values (rotation: raw 0 -> -mean/std; pad: 0 after normalisation; label 0), and the
 stream properties (determinism, start_step resumption, process shards, epoch permutations).
 """
+import os
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from hrdecoder_jax.data import augment
-from hrdecoder_jax.data import pipeline as P
+import helpers
+import make_pipeline_fixture as M
+from hrdecoder_jax.data import augment, on_device, pipeline as P
 
 H, W, N = 48, 64, 6  # tiny images; 6 examples so a few steps cross epoch boundaries
 CROP = 32
@@ -81,7 +86,7 @@ def denorm(img, cfg):
 def test_overwrite_order_and_packing():
     combos = np.array([[(v >> k) & 1 for k in range(4)] for v in range(16)], np.uint8)  # [16, 4]
     masks = combos[None]  # [1, 16, 4]
-    label = augment.fuse_masks(tf.constant(masks)).numpy()
+    label = helpers.fuse_masks(tf.constant(masks)).numpy()
     np.testing.assert_array_equal(label, fuse_np(masks))
     # Spot checks: EX+HE -> HE, HE+SE -> SE, everything -> MA, EX alone -> EX.
     assert label[0, 0b0011] == 2 and label[0, 0b0110] == 3 and label[0, 0b1111] == 4 and label[0, 0b0001] == 1
@@ -115,7 +120,7 @@ def test_nearest_matches_cv2_inter_nearest():
     # 2 -> 5: src = floor(dst * 0.4) = [0, 0, 0, 1, 1].
     np.testing.assert_array_equal(augment.nearest_indices(2, 5).numpy(), [0, 0, 0, 1, 1])
     lab = tf.constant(np.arange(15, dtype=np.uint8).reshape(3, 5))
-    out = augment.resize_nearest(lab, (5, 3)).numpy()
+    out = helpers.resize_nearest(lab, (5, 3)).numpy()
     rows, cols = [0, 0, 1, 1, 2], [0, 1, 3]  # 3 -> 5: floor(dst * 0.6)
     np.testing.assert_array_equal(out, lab.numpy()[np.ix_(rows, cols)])
     assert out.dtype == np.uint8
@@ -152,7 +157,7 @@ def test_resize_ops_inside_tf_data(data):
 
     def f(ex):
         return {"img": augment.resize_bilinear(ex["image"], (30, 41)),
-                "lab": augment.resize_nearest(augment.pack_masks(ex["masks"]), (71, 97))}
+                "lab": helpers.resize_nearest(augment.pack_masks(ex["masks"]), (71, 97))}
 
     for i, out in enumerate(d.map(f).as_numpy_iterator()):
         np.testing.assert_array_equal(out["img"], augment.resize_bilinear(tf.constant(data["image"][i]), (30, 41)).numpy())
@@ -186,7 +191,7 @@ def test_rotation_border_and_label_values():
     assert out[0, 0, 0] == 0 and out[-1, -1, 0] == 0  # corners come from outside
     img = augment.rotate(tf.ones((9, 12, 3)) * 100.0, 30.0).numpy()
     assert img[0, 0, 0] == 0.0 and img[4, 6, 0] == pytest.approx(100.0)
-    np.testing.assert_array_equal(augment.hflip(tf.constant(lab)).numpy(), lab[:, ::-1])
+    np.testing.assert_array_equal(helpers.hflip(tf.constant(lab)).numpy(), lab[:, ::-1])
 
 
 # --------------------------------------------------------------------------- crop
@@ -216,7 +221,7 @@ def test_cat_max_ratio_redraws_match_mmseg():
         key = tf.constant([s, 7], tf.int64)
         draws = [tuple(augment.crop_offset(tf.random.experimental.stateless_fold_in(key, np.int64(k)),
                                        (60, 70), crop).numpy()) for k in range(11)]
-        got = tuple(augment.select_crop(key, (60, 70), crop, lambda y, x: augment.value_counts(label[y:y + 24, x:x + 24]),
+        got = tuple(augment.select_crop(key, (60, 70), crop, lambda y, x: helpers.value_counts(label[y:y + 24, x:x + 24]),
                                     0.75).numpy())
         assert got == mmseg_select(draws, label, crop, 0.75), s
     # The cheap background pre-test (used by the pipeline) never changes the choice.
@@ -229,14 +234,14 @@ def test_cat_max_ratio_redraws_match_mmseg():
 
     for s in range(25):
         key = tf.constant([s, 8], tf.int64)
-        counts = lambda y, x: augment.value_counts(lab2[y:y + 24, x:x + 24])  # noqa: E731
+        counts = lambda y, x: helpers.value_counts(lab2[y:y + 24, x:x + 24])  # noqa: E731
         np.testing.assert_array_equal(augment.select_crop(key, (60, 70), crop, counts, 0.75, reject_fn=bg_reject),
                                       augment.select_crop(key, (60, 70), crop, counts, 0.75))
     # All draws fail on a one-class label: the 11th draw is used.
     zeros = np.zeros((60, 70), np.int32)
     key = tf.constant([1, 2], tf.int64)
     last = augment.crop_offset(tf.random.experimental.stateless_fold_in(key, np.int64(10)), (60, 70), crop).numpy()
-    got = augment.select_crop(key, (60, 70), crop, lambda y, x: augment.value_counts(zeros[y:y + 24, x:x + 24]), 0.75).numpy()
+    got = augment.select_crop(key, (60, 70), crop, lambda y, x: helpers.value_counts(zeros[y:y + 24, x:x + 24]), 0.75).numpy()
     np.testing.assert_array_equal(got, last)
     # Crop larger than the image: offset 0.
     np.testing.assert_array_equal(augment.crop_offset(key, (10, 12), crop).numpy(), [0, 0])
@@ -374,8 +379,8 @@ def test_process_shards_form_global_batch(ds, full_run):
         np.testing.assert_array_equal(np.concatenate([p["label"] for p in parts]), full_run[step]["label"])
     # Index level: shards partition every global batch; each epoch is a permutation of 0..N-1.
     kw = dict(global_batch_size=4, seed=11, num_steps=9)
-    one = P.train_example_indices(N, **kw)
-    two = [P.train_example_indices(N, process_index=p, process_count=2, **kw) for p in range(2)]
+    one = helpers.train_example_indices(N, **kw)
+    two = [helpers.train_example_indices(N, process_index=p, process_count=2, **kw) for p in range(2)]
     np.testing.assert_array_equal(np.concatenate(two, axis=1), one)
     epochs = one.reshape(-1, N)  # 36 positions = 6 epochs
     for e in epochs:
@@ -441,3 +446,122 @@ def test_split_train_val(data, ds):
     assert P.split_train_val(ds, cfg, test_ds="TEST") == (ds, "TEST")
     # IDRiD default: 10% of 54 -> 5 held-out images.
     assert len(P.val_indices(54, P.default_data_config())) == 5
+
+
+# ---------------------------------------------------------------------------------------------
+# The input pipeline's speed work changed nothing it computes.
+#
+# * ``train_transform`` equals, bit for bit, the outputs of the pipeline as it was before the speed work
+#   (``fixtures/pipeline_train_transform.npz``, made by ``tests/make_pipeline_fixture.py`` at that commit):
+#   uint8 intermediates, the flip folded into the crop's indices and the split into a host part and a
+#   finishing part are pure refactorings.
+# * The device finish (``data.on_device.finish_batch``, jax, inside the train step) equals the TensorFlow
+#   finish (``pipeline.finish_example``) bit for bit: normalisation, zeroed padding, fused label / masks.
+# * The trainer's stream (``raw=True``) finished on the device equals the ``raw=False`` stream.
+# ---------------------------------------------------------------------------------------------
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "pipeline_train_transform.npz")
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    return dict(np.load(FIXTURE))
+
+
+def test_train_transform_unchanged_bit_for_bit(fixture):
+    out = M.outputs(fixture["image"], fixture["masks"])
+    assert len(out) == 4 * M.KEYS * 2
+    flipped = padded = 0
+    for k, v in out.items():
+        ref = fixture[k]
+        assert v.dtype == ref.dtype and v.shape == ref.shape, k
+        np.testing.assert_array_equal(v, ref, err_msg=k)
+        if k.endswith("/image") and k.startswith("default/"):
+            padded += bool((v[-1] == 0).all())
+    # The keys cover the cases that matter: crops smaller than the crop size (padding) and both flips.
+    assert padded >= 2
+    cfg = M.config({})
+    for s in range(M.KEYS):
+        k_flip = tf.unstack(tf.random.experimental.stateless_split(tf.constant([s, 77], tf.int64), 5))[2]
+        flipped += bool(tf.random.stateless_uniform([], k_flip, dtype=tf.float64).numpy() < cfg.flip_prob)
+    assert 0 < flipped < M.KEYS
+
+
+def test_flip_folded_into_the_window_is_hflip():
+    rng = np.random.default_rng(3)
+    image = tf.constant(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    for out_size, off, win in [((50, 71), (3, 5), (31, 40)), ((20, 30), (0, 0), (20, 30)), ((37, 53), (2, 1), (9, 17))]:
+        a = augment.resize_bilinear_window(image, out_size, off, win)
+        b = augment.resize_bilinear_window(image, out_size, off, win, flip=tf.constant(True))
+        np.testing.assert_array_equal(b.numpy(), helpers.hflip(a).numpy())
+        la = augment.resize_nearest_window(image[..., 0], out_size, off, win)
+        lb = augment.resize_nearest_window(image[..., 0], out_size, off, win, flip=True)
+        np.testing.assert_array_equal(lb.numpy(), la.numpy()[:, ::-1])
+
+
+def test_to_uint8_equals_quantize():
+    x = np.concatenate([np.linspace(-3, 258, 200001, dtype=np.float32),
+                        np.float32([0.49999997, 0.5, 254.5, 254.49998, 255.0, 255.5, -0.5, 1e9, -1e9]),
+                        np.arange(256, dtype=np.float32) + np.float32(0.5)])
+    q = augment.quantize_uint8(tf.constant(x)).numpy()
+    u = augment.to_uint8(tf.constant(x)).numpy()
+    assert u.dtype == np.uint8
+    np.testing.assert_array_equal(u.astype(np.float32), q)
+
+
+@pytest.mark.parametrize("label_mode", ["overwrite", "multilabel"])
+@pytest.mark.parametrize("quantize", [True, False])
+def test_device_finish_equals_tensorflow_finish(fixture, label_mode, quantize):
+    cfg = M.config({"label_mode": label_mode, "quantize_uint8": quantize})
+    packed_in = augment.pack_masks(tf.constant(fixture["masks"]))
+    raws = [P.train_transform_raw(tf.constant(fixture["image"]), packed_in, tf.constant([s, 5], tf.int64), cfg)
+            for s in range(8)]
+    assert raws[0]["image"].dtype == (tf.uint8 if quantize else tf.float32)
+    host = [P.finish_example(r, cfg) for r in raws]
+    batch = {k: np.stack([r[k].numpy() for r in raws]) for k in ("image", "packed", "valid")}
+    assert (batch["valid"] < M.CROP).any()          # some crops are padded
+    finish = jax.jit(on_device.make_finish(cfg))
+    img, lab = finish({"image": batch["image"], "valid": batch["valid"]}, batch["packed"])
+    key = "label" if label_mode == "overwrite" else "masks"
+    np.testing.assert_array_equal(np.asarray(img), np.stack([h["image"].numpy() for h in host]))
+    ref = np.stack([h[key].numpy() for h in host])
+    assert np.asarray(lab).dtype == ref.dtype
+    np.testing.assert_array_equal(np.asarray(lab), ref)
+
+
+def test_device_label_table_every_packed_value():
+    packed = np.arange(16, dtype=np.uint8).reshape(1, 4, 4)
+    valid = np.int32([[4, 4]])
+    image = np.zeros((1, 4, 4, 3), np.uint8)
+    _, lab = on_device.finish_batch(image, packed, valid, mean=(0, 0, 0), std=(1, 1, 1))
+    # Hand table: the highest set bit of EX=1, HE=2, SE=4, MA=8 wins.
+    expected = [0, 1, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 4, 4, 4, 4]
+    np.testing.assert_array_equal(np.asarray(lab).ravel(), expected)
+    _, masks = on_device.finish_batch(image, packed, valid, mean=(0, 0, 0), std=(1, 1, 1), label_mode="multilabel")
+    np.testing.assert_array_equal(np.asarray(masks).reshape(16, 4), [[(v >> k) & 1 for k in range(4)] for v in range(16)])
+
+
+def test_raw_stream_finished_on_device_equals_host_stream(fixture):
+    cfg = M.config({})
+    cfg.num_parallel_calls = 2
+    image, masks = fixture["image"], fixture["masks"]
+    ds = tf.data.Dataset.from_tensor_slices({"image": np.stack([image, image[::-1]]),
+                                             "masks": np.stack([masks, masks[::-1]]), "name": ["a", "b"]})
+    host = P.make_train_dataset(ds, cfg, global_batch_size=2, seed=4, process_index=0, process_count=1)
+    raw = P.make_train_dataset(ds, cfg, global_batch_size=2, seed=4, process_index=0, process_count=1, raw=True)
+    finish = jax.jit(on_device.make_finish(cfg))
+    for _ in range(3):
+        h, r = next(host), next(raw)
+        assert r["image"].dtype == np.uint8 and r["packed"].dtype == np.uint8
+        img, lab = finish({"image": r["image"], "valid": r["valid"]}, r["packed"])
+        np.testing.assert_array_equal(np.asarray(img), h["image"])
+        np.testing.assert_array_equal(np.asarray(lab), h["label"])
+
+
+def test_finish_inside_the_train_step_has_no_gather():
+    """The finishing ops add no gather to the step (the label table is selects)."""
+    cfg = M.config({})
+    hlo = jax.jit(on_device.make_finish(cfg)).lower(
+        {"image": jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.uint8), "valid": jax.ShapeDtypeStruct((2, 2), jnp.int32)},
+        jax.ShapeDtypeStruct((2, 8, 8), jnp.uint8)).as_text()
+    assert "gather" not in hlo and "scatter" not in hlo

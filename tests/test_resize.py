@@ -9,8 +9,7 @@ import pytest
 from flax import nnx
 
 from hrdecoder_jax import config_utils
-from hrdecoder_jax.models import build_model
-from hrdecoder_jax.models import resize as R
+from hrdecoder_jax.models import build_model, resize as R
 
 torch = pytest.importorskip("torch")
 

@@ -1,8 +1,8 @@
 """End-to-end training: schedule, interrupt + resume equality on 4 fake CPU devices, multi-process launch."""
-import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from hrdecoder_jax import config_utils
+from helpers import (
+    write_config_file,
+)
+from hrdecoder_jax import checkpoint, cli, config_utils
 from hrdecoder_jax.checkpoint import CheckpointError
 from hrdecoder_jax.data import DatasetError
 from hrdecoder_jax.optim import learning_rate_schedule
@@ -21,29 +24,11 @@ from hrdecoder_jax.train import train_and_evaluate
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def load_config(name, variant=None):
-    spec = importlib.util.spec_from_file_location("cfg", REPO / "configs" / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant) if variant else module.get_config()
-
-
 def shrunk_synthetic_config(data_dir, total_steps=4):
-    """configs/synthetic.py at toy size: 64 px images, hr_scale 32, 4 steps of global batch 4."""
-    config = load_config("synthetic.py")
-    config.model = config_utils.model_config(width=4, num_modules=(1, 1, 1, 1), num_blocks=1, channels=8,
-                                             kernel_size=3, hr_scale=(32, 32), crop_num=2,
-                                             test_mode="slide", test_crop_size=(64, 64), test_stride=(32, 32))
-    config.data = config_utils.synthetic_data_config(image_size=(64, 64), num_train=7, num_test=2,
-                                                     crop_size=(64, 64), ratio_range=(0.75, 1.25))
+    """configs/synthetic.py:toy (64 px images, hr_scale 32, 4 steps of global batch 4) on ``data_dir``."""
+    config = cli.load_config(str(REPO / "configs" / "synthetic.py:toy"))
     config.data.data_dir = str(data_dir)
-    config.data.val_count = 1
     config.total_steps = total_steps
-    config.global_batch_size = 4
-    config.log_every = 1
-    config.eval_every = 2
-    config.checkpoint_every = 2
-    config.optimizer.warmup_steps = 2
     return config
 
 
@@ -86,7 +71,7 @@ def test_interrupted_and_resumed_run_matches_uninterrupted(tmp_path):
     assert [v["step"] for v in vals] == [2, 4] and all(0 <= v["mIoU"] <= 1 for v in vals)
     # The checkpoint written from 4 devices restores onto one (a fresh model lives on a single device).
     from flax import nnx
-    from hrdecoder_jax import checkpoint
+
     from hrdecoder_jax.models import build_model
     model = build_model(config.model, rngs=nnx.Rngs(123))
     before = np.asarray(model.decode_head.conv_seg.kernel[...]).copy()
@@ -158,6 +143,7 @@ def test_workdir_check_is_safe_when_processes_share_the_workdir(tmp_path):
     probe file one process could delete another's probe and exit (a CI failure of the 2-process test).
     Four threads x 300 checks: the shared-name version failed dozens of times here."""
     import threading
+
     from hrdecoder_jax.workdir import WorkdirError, check_writable
     errors = []
 
@@ -219,28 +205,49 @@ def test_accumulation_and_bf16_options_train(tmp_path, override):
     assert out["total"] == pytest.approx(ref["total"], rel=0.05)
 
 
-def signal_running_training(cfg_file, workdir, sig) -> tuple[int, str]:
+def signal_running_training(cfg_file, workdir, sig, *, start_s=400, stop_s=300) -> tuple[int, str]:
     """Start ``python -m hrdecoder_jax.train`` on ``cfg_file``, send ``sig`` once step 2 is logged; returns
-    the exit status and the output after the signal."""
+    the exit status and the output after the signal.
+
+    The deadlines are real: a watchdog kills a run that has not logged step 2 after ``start_s`` seconds or
+    not exited ``stop_s`` seconds after the signal (a silent hang), which ends the blocking reads, and the
+    test fails saying which deadline passed."""
     proc = subprocess.Popen([sys.executable, "-m", "hrdecoder_jax.train", f"--config={cfg_file}",
                              f"--workdir={workdir}"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    # A silent hang (no output, no exit) blocks the reads below; a timer kills the process instead, which
-    # ends them (end of file) and fails the test, rather than hanging the suite.
-    killer = threading.Timer(400, proc.kill)
-    killer.start()
+    killed = threading.Event()
+
+    def watchdog(seconds):
+        def kill():
+            killed.set()
+            proc.kill()
+        timer = threading.Timer(seconds, kill)
+        timer.daemon = True
+        timer.start()
+        return timer
+
+    timer = watchdog(start_s)
     try:
-        started = any(line.startswith("[train] step 2/") for line in proc.stdout)   # stops at the first match
-        assert started, "training did not reach step 2 within 400 s (or exited)"
-        killer.cancel()
-        killer = threading.Timer(300, proc.kill)    # the signal's handling: save, then exit
-        killer.start()
+        started = False
+        for line in proc.stdout:                       # wait until training runs
+            if line.startswith("[train] step 2/"):
+                started = True
+                break
+        timer.cancel()
+        assert not killed.is_set(), f"training did not start within {start_s} s (killed)"
+        assert started, f"training exited with status {proc.wait()} before step 2"
         proc.send_signal(sig)
+        timer = watchdog(stop_s)
         rest = proc.stdout.read()
-        return proc.wait(timeout=10), rest
+        status = proc.wait()
+        timer.cancel()
+        assert not killed.is_set(), f"training did not stop within {stop_s} s of the signal (killed)"
+        return status, rest
     finally:
-        killer.cancel()
-        proc.kill()                                 # no-op once it has exited
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_sigterm_saves_and_exits(tmp_path):
@@ -260,3 +267,64 @@ def test_sigterm_saves_and_exits(tmp_path):
     assert "[stop] received signal" in rest
     steps = [int(s) for s in os.listdir(tmp_path / "w" / "checkpoints") if s.isdigit()]
     assert len(steps) == 1 and steps[0] >= 2
+
+
+def test_finished_run_reruns_and_prints_its_stored_results(trained, tmp_path, capsys):
+    root, config = trained
+    work = tmp_path / "run"
+    shutil.copytree(root / "run", work)
+    capsys.readouterr()
+    before = {p: p.stat().st_mtime_ns for p in (work / "checkpoints").rglob("*") if p.is_file()}
+    stored = json.loads((work / "metrics_test.json").read_text())
+    again = train_and_evaluate(config, str(work))
+    out = capsys.readouterr().out
+    assert "already finished step 4" in out and "stored in" in out
+    assert np.allclose(np.asarray(again["test"]["IoU"], float), np.asarray(stored["IoU"], float), equal_nan=True)
+    # Killed during the final evaluation: the results file is missing; the re-run computes it, saves nothing.
+    (work / "metrics_test.json").unlink()
+    train_and_evaluate(config, str(work))
+    assert json.loads((work / "metrics_test.json").read_text())["IoU"] == stored["IoU"]
+    assert {p: p.stat().st_mtime_ns for p in (work / "checkpoints").rglob("*") if p.is_file()} == before
+
+
+def test_a_full_disk_stops_the_run_at_the_failing_save(tmp_path):
+    """A 3 MB file system for the workdir: the first checkpoint does not fit. The run stops with one line
+    saying 'disk full'. Needs a tmpfs mount (root); reported as skipped where there is none."""
+    work = tmp_path / "small"
+    work.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(work)],
+                                                   capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("no tmpfs mount available (needs root): a full disk cannot be made here")
+    cfg_file = write_config_file(tmp_path, tmp_path / "data", eval_every=0, checkpoint_every=1, total_steps=3)
+    try:
+        result = subprocess.run([sys.executable, "-m", "hrdecoder_jax.train", f"--config={cfg_file}",
+                                 f"--workdir={work}"], capture_output=True, text=True, timeout=600)
+    finally:
+        subprocess.run(["umount", str(work)], capture_output=True)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1 and len(errors) == 1 and "disk full" in errors[0], result.stderr[-3000:]
+    assert "step 3/3" not in result.stdout                      # it stopped, not one save later at the end
+    assert len(result.stderr.splitlines()) < 40
+
+
+def test_ctrl_c_saves_like_sigterm(tmp_path):
+    cfg_file = write_config_file(tmp_path, tmp_path / "data", eval_every=0, checkpoint_every=100000,
+                                 total_steps=100000)
+    status, rest = signal_running_training(cfg_file, tmp_path / "w", signal.SIGINT)
+    assert status == 130
+    assert f"received signal {int(signal.SIGINT)}" in rest
+    steps = [int(s) for s in os.listdir(tmp_path / "w" / "checkpoints") if s.isdigit()]
+    assert steps and min(steps) >= 2
+
+
+def test_the_readme_same_training_command_runs_in_a_fresh_clone(tmp_path):
+    """``--out runs/same`` of a fresh clone does not exist: the script makes it (and writes the dataset whole
+    before naming it). ``--only report`` stops before training anything."""
+    out = tmp_path / "runs" / "same"
+    result = subprocess.run([sys.executable, "launch/reference/same_training.py", "--reference-python", "REF_VENV/bin/python",
+                             "--out", str(out), "--only", "report"],
+                            capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "no report" in result.stdout
+    assert len(list((out / "data" / "images" / "train").iterdir())) == 48 and not (out / "data.partial").exists()

@@ -24,10 +24,15 @@ from typing import Any
 from hrdecoder_jax import LESIONS
 from hrdecoder_jax.config_utils import field
 from hrdecoder_jax.data.contract import DatasetError, DatasetNotFoundError
-from hrdecoder_jax.data.synthetic import (SyntheticFundus, SyntheticFundusConfig, example_seed, generate_fundus,
-                                          synthetic_config)
-from hrdecoder_jax.data.idrid import Idrid
 from hrdecoder_jax.data.ddr import Ddr
+from hrdecoder_jax.data.idrid import Idrid
+from hrdecoder_jax.data.synthetic import (
+    SyntheticFundus,
+    SyntheticFundusConfig,
+    example_seed,
+    generate_fundus,
+    synthetic_config,
+)
 
 log = logging.getLogger("hrdecoder_jax.data")
 
@@ -77,6 +82,7 @@ def _prepare_once(make, builder, manual_dir: str | None):
     one host and on shared file systems that support locks (``train`` also lets process 0 of a multi-process
     run prepare first while the others wait at a barrier)."""
     import fcntl
+
     import tensorflow_datasets as tfds
 
     folder = os.fspath(builder.data_dir)
@@ -216,8 +222,8 @@ def _builder_args(data_config) -> tuple[str, str, str | None, dict]:
     synthetic = field(data_config, "synthetic")
     if name == "synthetic_fundus" and synthetic is not None:
         kwargs["config"] = synthetic_config(**(synthetic.to_dict() if hasattr(synthetic, "to_dict") else dict(synthetic)))
-    data_dir = os.path.expanduser(os.fspath(field(data_config, "data_dir", "") or "~/tensorflow_datasets"))
-    manual_dir = field(data_config, "manual_dir")
+    data_dir = os.path.expanduser(os.fspath(data_config.data_dir or "~/tensorflow_datasets"))   # "": tfds's default
+    manual_dir = data_config.manual_dir
     manual_dir = os.path.expanduser(os.fspath(manual_dir)) if manual_dir else None
     return name, data_dir, manual_dir, kwargs
 

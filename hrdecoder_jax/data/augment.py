@@ -66,11 +66,6 @@ def packed_to_label(packed: tf.Tensor, dtype: tf.DType = tf.int32) -> tf.Tensor:
     return tf.gather(lut, tf.cast(packed, tf.int32) & 15)
 
 
-def fuse_masks(masks: tf.Tensor, dtype: tf.DType = tf.int32) -> tf.Tensor:
-    """Reference label map [H, W] from masks [H, W, 4] (overwrite order EX, HE, SE, MA; last wins)."""
-    return packed_to_label(pack_masks(masks), dtype)
-
-
 # ---------------------------------------------------------------------------------------------
 # Sizes and resampling indices
 # ---------------------------------------------------------------------------------------------
@@ -160,7 +155,7 @@ def resize_bilinear_window(image: tf.Tensor, out_size, offset=(0, 0), window=Non
       window: (h, w) of the window; default the full output.
       flip: bool (a tensor is fine): the window mirrored left-right. Each output pixel is computed
         by the same formula from the same source pixels, only its column is reversed, so this is
-        bit for bit ``hflip`` of the unflipped window, without a pass over the result.
+        bit for bit a flip (``tf.reverse`` of axis 1) of the unflipped window, without a pass over the result.
     Returns:
       float32 [h, w, C].
     """
@@ -212,11 +207,6 @@ def resize_nearest_window(label: tf.Tensor, out_size, offset=(0, 0), window=None
     return tf.gather(tf.gather(label, rows, axis=0), cols, axis=1)
 
 
-def resize_nearest(label: tf.Tensor, out_size) -> tf.Tensor:
-    """Nearest resize of [H, W] or [H, W, C] to ``out_size`` (cv2 INTER_NEAREST); dtype kept."""
-    return resize_nearest_window(label, out_size)
-
-
 def quantize_uint8(x: tf.Tensor) -> tf.Tensor:
     """Rounds to the uint8 grid (half up, clipped to [0, 255]) but keeps float32.
 
@@ -248,17 +238,6 @@ def crop_offset(key: tf.Tensor, size, crop_size) -> tf.Tensor:
     y = tf.random.stateless_uniform([], ky, minval=0, maxval=margin_h + 1, dtype=tf.int32)
     x = tf.random.stateless_uniform([], kx, minval=0, maxval=margin_w + 1, dtype=tf.int32)
     return tf.stack([y, x])
-
-
-def value_counts(label: tf.Tensor, ignore_index: int | None = 255) -> tf.Tensor:
-    """Pixel count of every label value 0..255 in ``label`` (any shape): int32 [256].
-
-    ``ignore_index`` (mmseg's 255) is zeroed, as RandomCrop drops it before counting.
-    """
-    counts = tf.math.bincount(tf.reshape(tf.cast(label, tf.int32), [-1]), minlength=256, maxlength=256)
-    if ignore_index is not None:
-        counts = tf.tensor_scatter_nd_update(counts, [[ignore_index]], [0])
-    return counts
 
 
 def fused_counts_from_packed(packed: tf.Tensor) -> tf.Tensor:
@@ -312,7 +291,7 @@ def select_crop(key: tf.Tensor, size, crop_size, counts_fn, cat_max_ratio: float
       size: (h, w) of the (resized) image.
       crop_size: (crop_h, crop_w).
       counts_fn: (y, x) -> int32 [num_values], the label-value counts of the crop at (y, x) with
-        ignored values excluded (e.g. ``value_counts`` of the label window).
+        ignored values excluded (e.g. the label values' pixel counts of the window).
       reject_fn: optional cheap (y, x) -> bool that is True only for crops the full test rejects
         (e.g. background alone covers >= cat_max_ratio); ``counts_fn`` then runs only otherwise.
     """
@@ -341,11 +320,6 @@ def select_crop(key: tf.Tensor, size, crop_size, counts_fn, cat_max_ratio: float
 # ---------------------------------------------------------------------------------------------
 # Flip, rotation, normalisation, padding
 # ---------------------------------------------------------------------------------------------
-
-
-def hflip(x: tf.Tensor) -> tf.Tensor:
-    """Horizontal flip of [H, W, ...] (mmcv imflip 'horizontal')."""
-    return tf.reverse(x, axis=[1])
 
 
 def rotation_transform(angle_deg, height, width) -> tf.Tensor:

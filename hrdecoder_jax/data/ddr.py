@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import tensorflow_datasets as tfds
 
-from hrdecoder_jax.data.contract import ManualLesionBuilder, features
+from hrdecoder_jax.data.contract import features
+from hrdecoder_jax.data.manual import ManualLesionBuilder
 
 SPLIT_NAMES = {
     "train": ("train", "training"),

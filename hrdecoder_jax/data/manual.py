@@ -1,5 +1,6 @@
 """The reader of manually downloaded datasets (IDRiD, DDR, the reference repository's layouts): file trees
-(folder or zip), layout detection, image / mask decoding and the example generator.
+(folder or zip), layout detection, image / mask decoding, the example generator, and ``ManualLesionBuilder``,
+the tfds builder base class of ``idrid`` and ``ddr`` that runs them.
 
 Nothing here imports TensorFlow: decoding uses Pillow (tifffile as a fallback for TIFFs Pillow
 cannot read), so the helpers are cheap to import and to test.
@@ -20,10 +21,10 @@ import zipfile
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
+import tensorflow_datasets as tfds
 
 from hrdecoder_jax import LESIONS
-from hrdecoder_jax.data.contract import DatasetError, DatasetNotFoundError
-
+from hrdecoder_jax.data.contract import DatasetError, DatasetNotFoundError, _no_code_path
 
 log = logging.getLogger("hrdecoder_jax.data")
 
@@ -251,13 +252,12 @@ def decode_mask(data: bytes, where: str) -> np.ndarray:
     Handles binary 0/255 grey (DDR), grey 76 and red (255,0,0) RGB (IDRiD), RGBA / grey+alpha (see
     ``_mask_from_array`` for the alpha rule), palette, 1-bit and 16-bit images.
     """
-    from PIL import Image
 
     try:
         img = _open(data, where, "mask")
     except DatasetError:
         # Pillow lacks some TIFF compressions / sample formats; tifffile reads those.
-        if not data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        if data[:4] not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
             raise
         try:
             import tifffile
@@ -530,3 +530,29 @@ def manual_dir_of(dl_manager):
     if path is None:
         return dl_manager.manual_dir
     return pathlib.Path(os.fspath(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# The builder base class: what idrid and ddr share
+
+
+class ManualLesionBuilder(tfds.core.GeneratorBasedBuilder):
+    """Shared split discovery of the manual-directory builders (``idrid``, ``ddr``). Subclasses give
+    ``name``, ``_info``, ``SPLIT_NAMES`` (split -> accepted folder names) and ``EXPECTED`` (what the
+    error message says should be there). Stays abstract (no ``_info``), so tfds does not register it."""
+
+    code_path = _no_code_path
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First version."}
+    SPLIT_NAMES: dict = {}
+    EXPECTED: str = ""
+
+    def _split_generators(self, dl_manager):
+        layout = find_layout(manual_dir_of(dl_manager), dataset=self.name, split_names=self.SPLIT_NAMES,
+                             expected=self.EXPECTED)
+        for split_files in layout.splits.values():
+            log_missing(self.name, split_files)
+        return {s: self._generate_examples(layout, s) for s in layout.splits}
+
+    def _generate_examples(self, layout, split):
+        yield from generate_examples(layout, split)

@@ -12,8 +12,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from hrdecoder_jax.config_utils import LABEL_MODES
-
 
 def finish_batch(image, packed, valid, *, mean, std, label_mode: str = "overwrite"):
     """Raw crops -> ``(images float32 [b, h, w, 3], labels)``.
@@ -24,10 +22,9 @@ def finish_batch(image, packed, valid, *, mean, std, label_mode: str = "overwrit
       valid: int32 [b, 2] rows and columns of each crop before padding; pixels outside are 0.
       mean, std: the normalisation (RGB), ``(x - mean) * (1 / std)`` with 1/std rounded from float64.
       label_mode: "overwrite" -> int32 [b, h, w] fused label (MA > SE > HE > EX > background);
-        "multilabel" -> uint8 [b, h, w, 4] masks.
+        "multilabel" -> uint8 [b, h, w, 4] masks (``config_utils.LABEL_MODES``, checked by the config's
+        validation).
     """
-    if label_mode not in LABEL_MODES:
-        raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}")
     mean_t = jnp.asarray(np.asarray(mean, np.float32))
     stdinv = jnp.asarray(np.asarray([1.0 / float(s) for s in std], np.float32))
     img = (image.astype(jnp.float32) - mean_t) * stdinv

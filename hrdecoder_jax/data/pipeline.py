@@ -52,10 +52,17 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 
-from hrdecoder_jax.data import augment  # noqa: E402
 # The data settings are plain config (no TensorFlow): they live in config_utils, re-exported here.
-from hrdecoder_jax.config_utils import (DDR_MEAN, DDR_STD, IDRID_MEAN, IDRID_STD,  # noqa: E402,F401
-                                        LABEL_MODES, ddr_data_config, default_data_config)
+from hrdecoder_jax.config_utils import (  # noqa: E402,F401
+    DDR_MEAN,
+    DDR_STD,
+    IDRID_MEAN,
+    IDRID_STD,
+    LABEL_MODES,
+    ddr_data_config,
+    default_data_config,
+)
+from hrdecoder_jax.data import augment  # noqa: E402
 
 # Constants folded into the user seed so the epoch permutations and the augmentations draw from
 # unrelated streams even for the same (seed, counter).
@@ -67,12 +74,6 @@ _SALT_TRAIN_KEY = 0x5EED
 # ---------------------------------------------------------------------------------------------
 # Config checks (the settings themselves: config_utils.default_data_config)
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_label_mode(cfg) -> str:
-    if cfg.label_mode not in LABEL_MODES:
-        raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {cfg.label_mode!r}")
-    return cfg.label_mode
 
 
 def _degree_range(deg) -> tuple[float, float]:
@@ -131,7 +132,6 @@ def train_transform_raw(image: tf.Tensor, packed: tf.Tensor, key: tf.Tensor, dat
       (rows, columns) of the crop before padding``}``.
     """
     cfg = data_config
-    _check_label_mode(cfg)
     crop_h, crop_w = (int(v) for v in cfg.crop_size)
     k_ratio, k_crop, k_flip, k_rot, k_angle = tf.unstack(tf.random.experimental.stateless_split(key, 5))
 
@@ -209,7 +209,7 @@ def finish_example(raw: dict, data_config) -> dict:
     inside = tf.logical_and(tf.range(shape[0])[:, None] < raw["valid"][0],
                             tf.range(shape[1])[None, :] < raw["valid"][1])
     img = tf.where(inside[..., None], img, tf.zeros_like(img))
-    return {"image": img, **_finish_label(raw["packed"], _check_label_mode(data_config))}
+    return {"image": img, **_finish_label(raw["packed"], data_config.label_mode)}
 
 
 def train_transform(image: tf.Tensor, packed: tf.Tensor, key: tf.Tensor, data_config) -> dict:
@@ -231,7 +231,7 @@ def eval_transform(example: dict, data_config) -> dict:
     (H0, W0), ``"name": string}``.
     """
     cfg = data_config
-    label_mode = _check_label_mode(cfg)
+    label_mode = cfg.label_mode   # one of LABEL_MODES (config_utils.validate_data_config)
     image = tf.ensure_shape(example["image"], [None, None, 3])
     tw, th = (int(v) for v in cfg.test_scale)
     img = augment.resize_bilinear(image, (th, tw))
@@ -397,16 +397,6 @@ def _augment_key(g: tf.Tensor, seed: int) -> tf.Tensor:
     return tf.random.experimental.stateless_fold_in(base, g)
 
 
-def train_example_indices(num_examples: int, *, global_batch_size: int, seed: int, num_steps: int,
-                          start_step: int = 0, process_index: int = 0, process_count: int = 1) -> np.ndarray:
-    """Example indices int64 [num_steps, b] the training stream of one process uses (for logging/tests)."""
-    b = global_batch_size // process_count
-    k = tf.range(start_step * b, (start_step + num_steps) * b, dtype=tf.int64)
-    g = _stream_positions(k, global_batch_size=global_batch_size, per_process=b, process_index=process_index)
-    idx = tf.map_fn(lambda x: _example_index(x, num_examples, seed), g)
-    return idx.numpy().reshape(num_steps, b)
-
-
 def build_train_dataset(ds: tf.data.Dataset, data_config, *, global_batch_size: int, seed: int,
                         start_step: int = 0, process_index: int | None = None,
                         process_count: int | None = None, num_examples: int | None = None,
@@ -416,7 +406,6 @@ def build_train_dataset(ds: tf.data.Dataset, data_config, *, global_batch_size: 
     if global_batch_size % process_count:
         raise ValueError(f"global_batch_size {global_batch_size} not divisible by process_count {process_count}")
     b = global_batch_size // process_count
-    _check_label_mode(data_config)
     npc = _autotune(data_config.num_parallel_calls)
     source = _make_source(ds, data_config, num_examples, npc, fingerprint)
     n = source.num_examples
@@ -534,8 +523,6 @@ def split_train_val(ds_or_names, data_config, *, test_ds=None, num_examples: int
     mode = data_config.validate_on
     if mode == "test":
         return ds_or_names, test_ds
-    if mode != "val":
-        raise ValueError(f"validate_on must be 'val' or 'test', got {mode!r}")
     if isinstance(ds_or_names, tf.data.Dataset):
         n = _num_examples(ds_or_names, num_examples)
         val = val_indices(n, data_config)
@@ -566,5 +553,5 @@ __all__ = [
     "default_data_config", "ddr_data_config", "encode_example", "train_transform", "train_transform_raw",
     "finish_example", "eval_transform",
     "build_train_dataset", "make_train_dataset", "build_eval_dataset", "make_eval_dataset",
-    "train_example_indices", "val_indices", "split_train_val", "IDRID_MEAN", "IDRID_STD", "DDR_MEAN", "DDR_STD",
+    "val_indices", "split_train_val", "IDRID_MEAN", "IDRID_STD", "DDR_MEAN", "DDR_STD",
 ]

@@ -144,6 +144,25 @@ def _vessel_tree(rng, disc, fov_center, temporal, R, max_segments=900):
     return segs
 
 
+@dataclasses.dataclass(frozen=True)
+class _Eye:
+    """The geometry of one synthetic eye, in image pixels: the field of view (centre, radius), the optic
+    disc, the macula, and which side the disc is on."""
+    H: int
+    W: int
+    R: float            # field-of-view radius
+    cx: float
+    cy: float
+    res: float          # image pixels per full-resolution IDRiD pixel
+    side: int           # +1: disc on the right, -1: on the left
+    rd: float           # disc radius
+    disc_x: float
+    disc_y: float
+    mac_x: float
+    mac_y: float
+    temporal: float     # direction from the disc to the macula (radians)
+
+
 def generate_fundus(seed: int, height: int, width: int, *, lesion_scale: float = 1.0,
                     lesion_density: float = 1.0, min_lesions: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """A synthetic colour fundus photograph and its lesion masks.
@@ -167,9 +186,26 @@ def generate_fundus(seed: int, height: int, width: int, *, lesion_scale: float =
     H, W = int(height), int(width)
     if H < 8 or W < 8:
         raise ValueError(f"generate_fundus: size {H}x{W} too small (need at least 8x8)")
+    # One generator drawn from in a fixed order: the steps below must keep their order and their draws.
     rng = np.random.default_rng(int(seed) & 0xFFFFFFFFFFFFFFFF)
     cv = _Canvas(H, W)
+    eye, r2, fov, fov_alpha = _field_of_view(rng, H, W)
+    _paint_background(rng, cv, eye, r2)
+    del r2
+    _paint_disc(rng, cv, eye)
+    _paint_vessels(rng, cv, eye)
+    draw = _LesionDraws(rng, eye, lesion_scale=lesion_scale, lesion_density=lesion_density,
+                        min_lesions=min_lesions)
+    _paint_haemorrhages(draw, cv)
+    _paint_hard_exudates(draw, cv)
+    _paint_soft_exudates(draw, cv)
+    _paint_microaneurysms(draw, cv)
+    return _finish(rng, cv, fov, fov_alpha)
 
+
+def _field_of_view(rng, H: int, W: int):
+    """The eye's geometry, the squared normalised radius ``r2`` of every pixel, the field-of-view mask and
+    its anti-aliased opacity."""
     # Field of view: a circle that, as in IDRiD, may be clipped at the top and bottom.
     R = 0.5 * min(W, 1.25 * H) * rng.uniform(0.92, 0.98)
     cx, cy = W / 2 + rng.uniform(-0.01, 0.01) * W, H / 2 + rng.uniform(-0.01, 0.01) * H
@@ -187,37 +223,47 @@ def generate_fundus(seed: int, height: int, width: int, *, lesion_scale: float =
     disc_x, disc_y = cx + side * R * rng.uniform(0.36, 0.44), cy + R * rng.uniform(-0.06, 0.06)
     mac_x, mac_y = cx - side * R * rng.uniform(0.0, 0.06), cy + R * rng.uniform(-0.03, 0.03)
     temporal = math.atan2(mac_y - disc_y, mac_x - disc_x)
+    eye = _Eye(H=H, W=W, R=R, cx=cx, cy=cy, res=res, side=side, rd=rd, disc_x=disc_x, disc_y=disc_y,
+               mac_x=mac_x, mac_y=mac_y, temporal=temporal)
+    return eye, r2, fov, fov_alpha
 
-    # Background: vignetting, low- and mid-frequency mottling, darker macula.
+
+def _paint_background(rng, cv: _Canvas, eye: _Eye, r2: np.ndarray) -> None:
+    """Background: vignetting, low- and mid-frequency mottling, darker macula (the canvas's colour planes)."""
+    H, W, R = eye.H, eye.W, eye.R
     shade = 1 - _F(rng.uniform(0.25, 0.4)) * r2
     shade -= _F(rng.uniform(0.05, 0.15)) * r2 * r2
-    del r2
     shade += _upsample(rng.normal(0, 0.07, (6, 8)).astype(_F), H, W)
     shade += _upsample(rng.normal(0, 0.03, (max(H // 24, 12), max(W // 24, 16))).astype(_F), H, W)
     sig = R * rng.uniform(0.1, 0.14)
-    b = cv.box(mac_y, mac_x, 3 * sig, 3 * sig)
+    b = cv.box(eye.mac_y, eye.mac_x, 3 * sig, 3 * sig)
     if b is not None:
         sl, dy, dx = b
         shade[sl] *= 1 - _F(rng.uniform(0.2, 0.35)) * np.exp(-(dy * dy + dx * dx) / _F(2 * sig * sig))
     red = rng.uniform(185, 228)
     base = (red, red * rng.uniform(0.38, 0.5), red * rng.uniform(0.1, 0.2))
     cv.ch = [shade * _F(v) for v in base]
-    del shade
 
-    # Optic disc (slightly taller than wide) with a pale cup.
+
+def _paint_disc(rng, cv: _Canvas, eye: _Eye) -> None:
+    """Optic disc (slightly taller than wide) with a pale cup."""
+    disc_x, disc_y, rd = eye.disc_x, eye.disc_y, eye.rd
     blob = cv.blob(disc_y, disc_x, rd, elong=rng.uniform(0.88, 0.96), angle=0.0, harm=_harmonics(rng, 0.05), reach=1.3)
     if blob is not None:
         sl, rho = blob
         cv.paint(sl, _F(0.9) * _edge_alpha(rho, rd, 0.12 * rd), (rng.uniform(230, 252), rng.uniform(145, 185), rng.uniform(70, 110)))
     rc = rd * rng.uniform(0.35, 0.55)
-    blob = cv.blob(disc_y, disc_x + side * 0.15 * rd, rc, elong=rng.uniform(0.85, 1.0), reach=1.3)
+    blob = cv.blob(disc_y, disc_x + eye.side * 0.15 * rd, rc, elong=rng.uniform(0.85, 1.0), reach=1.3)
     if blob is not None:
         sl, rho = blob
         cv.paint(sl, _F(0.6) * _edge_alpha(rho, rc, 0.3 * rc), (250, rng.uniform(200, 225), rng.uniform(140, 180)))
 
-    # Vessels: two opacity maps (veins darker and wider than arteries), anti-aliased 1 px.
+
+def _paint_vessels(rng, cv: _Canvas, eye: _Eye) -> None:
+    """Vessels: two opacity maps (veins darker and wider than arteries), anti-aliased 1 px."""
+    H, W = eye.H, eye.W
     vmaps = [np.zeros((H, W), _F), np.zeros((H, W), _F)]
-    for x0, y0, x1, y1, w, vein in _vessel_tree(rng, (disc_x, disc_y), (cx, cy), temporal, R):
+    for x0, y0, x1, y1, w, vein in _vessel_tree(rng, (eye.disc_x, eye.disc_y), (eye.cx, eye.cy), eye.temporal, eye.R):
         hw = w / 2
         b = cv.box((y0 + y1) / 2, (x0 + x1) / 2, abs(y1 - y0) / 2 + hw + 1, abs(x1 - x0) / 2 + hw + 1)
         if b is None:
@@ -237,31 +283,40 @@ def generate_fundus(seed: int, height: int, width: int, *, lesion_scale: float =
         m = 1 - vmaps[0] * _F(k_vein[c])
         m -= vmaps[1] * _F(k_art[c])
         cv.ch[c] *= m
-    del vmaps, m
 
-    def place(center, spread, max_r=0.86, avoid_disc=True):
+
+class _LesionDraws:
+    """The random draws the lesion painters share: where a lesion goes, how many of a type, how large."""
+
+    def __init__(self, rng, eye: _Eye, *, lesion_scale: float, lesion_density: float, min_lesions: int):
+        self.rng, self.eye = rng, eye
+        self.lesion_scale, self.lesion_density, self.min_lesions = lesion_scale, lesion_density, min_lesions
+
+    def place(self, center, spread, max_r=0.86, avoid_disc=True):
+        """A point drawn around ``center`` inside ``max_r`` of the field of view (and off the disc)."""
+        rng, e = self.rng, self.eye
         for _ in range(100):
             y, x = center[0] + rng.normal(0, spread), center[1] + rng.normal(0, spread)
-            ok = (y - cy) ** 2 + (x - cx) ** 2 < (max_r * R) ** 2
-            if ok and (not avoid_disc or (y - disc_y) ** 2 + (x - disc_x) ** 2 > (1.15 * rd) ** 2):
+            ok = (y - e.cy) ** 2 + (x - e.cx) ** 2 < (max_r * e.R) ** 2
+            if ok and (not avoid_disc or (y - e.disc_y) ** 2 + (x - e.disc_x) ** 2 > (1.15 * e.rd) ** 2):
                 return y, x
-        return cy, cx
+        return e.cy, e.cx
 
-    def count(lam):
-        return max(int(min_lesions), int(rng.poisson(lam * lesion_density)))
+    def count(self, lam):
+        return max(int(self.min_lesions), int(self.rng.poisson(lam * self.lesion_density)))
 
-    def px_radius(median_fullres, sigma, lo, hi, min_px=1.0):
-        r = float(np.clip(rng.lognormal(math.log(median_fullres), sigma), lo, hi)) * res * lesion_scale
+    def px_radius(self, median_fullres, sigma, lo, hi, min_px=1.0):
+        r = float(np.clip(self.rng.lognormal(math.log(median_fullres), sigma), lo, hi)) * self.eye.res * self.lesion_scale
         return max(r, min_px)
 
-    ex_i, he_i, se_i, ma_i = (LESIONS.index(n) for n in ("EX", "HE", "SE", "MA"))
-    mac = (mac_y, mac_x)
 
-    # Haemorrhages: dot-blot (round, lobed) and flame-shaped (elongated), dark red, soft edged.
-    for _ in range(count(6.0)):
-        y, x = place(mac, 0.42 * R)
+def _paint_haemorrhages(draw: _LesionDraws, cv: _Canvas) -> None:
+    """Haemorrhages: dot-blot (round, lobed) and flame-shaped (elongated), dark red, soft edged."""
+    rng, eye, he_i = draw.rng, draw.eye, LESIONS.index("HE")
+    for _ in range(draw.count(6.0)):
+        y, x = draw.place((eye.mac_y, eye.mac_x), 0.42 * eye.R)
         flame = rng.random() < 0.35
-        r0 = px_radius(22 if not flame else 30, 0.5, 8, 130)
+        r0 = draw.px_radius(22 if not flame else 30, 0.5, 8, 130)
         elong = rng.uniform(2.0, 3.5) if flame else rng.uniform(1.0, 1.4)
         ang = rng.uniform(0, math.pi)
         k = np.array((0.5, 0.74, 0.68)) * rng.uniform(0.85, 1.12)
@@ -275,10 +330,14 @@ def generate_fundus(seed: int, height: int, width: int, *, lesion_scale: float =
             cv.darken(sl, _F(0.95) * _edge_alpha(rho, r0, max(1.0, 0.15 * r0)), np.minimum(k, 0.95))
             cv.masks[he_i][sl] |= rho <= 1
 
-    # Hard exudates: clusters (scattered or circinate rings) of small sharp bright-yellow blobs.
-    for _ in range(count(2.5)):
+
+def _paint_hard_exudates(draw: _LesionDraws, cv: _Canvas) -> None:
+    """Hard exudates: clusters (scattered or circinate rings) of small sharp bright-yellow blobs."""
+    rng, eye, ex_i = draw.rng, draw.eye, LESIONS.index("EX")
+    R, cx, cy, res, lesion_scale = eye.R, eye.cx, eye.cy, eye.res, draw.lesion_scale
+    for _ in range(draw.count(2.5)):
         ang0, dist = rng.uniform(0, 2 * math.pi), R * rng.uniform(0.08, 0.45)
-        cy_e, cx_e = place((mac_y + dist * math.sin(ang0), mac_x + dist * math.cos(ang0)), 0.02 * R)
+        cy_e, cx_e = draw.place((eye.mac_y + dist * math.sin(ang0), eye.mac_x + dist * math.cos(ang0)), 0.02 * R)
         n = 1 + min(int(rng.geometric(0.07)), 60)
         ring = rng.random() < 0.35
         spread = rng.uniform(20, 120) * res * lesion_scale
@@ -294,7 +353,7 @@ def generate_fundus(seed: int, height: int, width: int, *, lesion_scale: float =
                 y, x = cy_e + rng.normal(0, spread), cx_e + rng.normal(0, spread)
             if (y - cy) ** 2 + (x - cx) ** 2 > (0.95 * R) ** 2:
                 continue
-            r0 = px_radius(6, 0.55, 1.5, 45, min_px=0.8)
+            r0 = draw.px_radius(6, 0.55, 1.5, 45, min_px=0.8)
             blob = cv.blob(y, x, r0, elong=rng.uniform(1.0, 1.6), angle=rng.uniform(0, math.pi), harm=_harmonics(rng, 0.35))
             if blob is None:
                 continue
@@ -302,12 +361,15 @@ def generate_fundus(seed: int, height: int, width: int, *, lesion_scale: float =
             cv.paint(sl, _F(rng.uniform(0.82, 0.95)) * _edge_alpha(rho, r0, 0.8), col)
             cv.masks[ex_i][sl] |= rho <= 1
 
-    # Soft exudates (cotton-wool spots): pale, fuzzy patches near the disc along the arcades.
-    for _ in range(count(1.0)):
-        a = temporal + (1 if rng.random() < 0.5 else -1) * rng.uniform(0.5, 1.5)
-        dist = rd * rng.uniform(1.5, 3.2)
-        y, x = place((disc_y + dist * math.sin(a), disc_x + dist * math.cos(a)), 0.03 * R)
-        r0 = px_radius(55, 0.35, 25, 130)
+
+def _paint_soft_exudates(draw: _LesionDraws, cv: _Canvas) -> None:
+    """Soft exudates (cotton-wool spots): pale, fuzzy patches near the disc along the arcades."""
+    rng, eye, se_i = draw.rng, draw.eye, LESIONS.index("SE")
+    for _ in range(draw.count(1.0)):
+        a = eye.temporal + (1 if rng.random() < 0.5 else -1) * rng.uniform(0.5, 1.5)
+        dist = eye.rd * rng.uniform(1.5, 3.2)
+        y, x = draw.place((eye.disc_y + dist * math.sin(a), eye.disc_x + dist * math.cos(a)), 0.03 * eye.R)
+        r0 = draw.px_radius(55, 0.35, 25, 130)
         blob = cv.blob(y, x, r0, elong=rng.uniform(1.0, 1.6), angle=rng.uniform(0, math.pi), harm=_harmonics(rng, 0.2), reach=1.7)
         if blob is None:
             continue
@@ -317,10 +379,13 @@ def generate_fundus(seed: int, height: int, width: int, *, lesion_scale: float =
         cv.paint(sl, alpha, (rng.uniform(225, 245), rng.uniform(205, 228), rng.uniform(160, 192)))
         cv.masks[se_i][sl] |= rho <= 1
 
-    # Microaneurysms: tiny round dark-red dots, mostly in the posterior pole.
-    for _ in range(count(14.0)):
-        y, x = place(mac, 0.38 * R)
-        r0 = px_radius(3.0, 0.35, 1.5, 6)
+
+def _paint_microaneurysms(draw: _LesionDraws, cv: _Canvas) -> None:
+    """Microaneurysms: tiny round dark-red dots, mostly in the posterior pole."""
+    rng, eye, ma_i = draw.rng, draw.eye, LESIONS.index("MA")
+    for _ in range(draw.count(14.0)):
+        y, x = draw.place((eye.mac_y, eye.mac_x), 0.38 * eye.R)
+        r0 = draw.px_radius(3.0, 0.35, 1.5, 6)
         blob = cv.blob(y, x, r0)
         if blob is None:
             continue
@@ -329,7 +394,11 @@ def generate_fundus(seed: int, height: int, width: int, *, lesion_scale: float =
         cv.darken(sl, _edge_alpha(rho, r0, 1.0), k)
         cv.masks[ma_i][sl] |= rho <= 1
 
-    # Sensor noise (shared by the channels), then the dark border outside the field of view.
+
+def _finish(rng, cv: _Canvas, fov: np.ndarray, fov_alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sensor noise (shared by the channels), then the dark border outside the field of view; the image as
+    uint8 and the masks inside the field of view."""
+    H, W = cv.h, cv.w
     noise = rng.random((H, W), dtype=_F)
     noise -= _F(0.5)
     noise *= _F(rng.uniform(4, 8))

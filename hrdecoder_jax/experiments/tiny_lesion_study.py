@@ -18,9 +18,7 @@ not trained again, so an interrupted study resumes.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import sys
 import time
 
 from hrdecoder_jax.workdir import atomic_write, write_file

@@ -11,10 +11,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hrdecoder_jax.config_utils import ConfigError
-
-from hrdecoder_jax.models.hrnet import HRNet
 from hrdecoder_jax.models.head import FCNHead
-from hrdecoder_jax.models.segmentor import FCNSegmentor, HRDecoder, draw_crop_boxes, slide_windows
+from hrdecoder_jax.models.hrnet import HRNet
+from hrdecoder_jax.models.segmentor import FCNSegmentor, HRDecoder, slide_windows
 
 SEGMENTORS = {
     "HRDecoder": HRDecoder,
@@ -47,4 +46,4 @@ def count_params(model: nnx.Module) -> int:
 
 
 __all__ = ["build_model", "count_params", "HRNet", "FCNHead", "HRDecoder", "FCNSegmentor",
-           "draw_crop_boxes", "slide_windows", "SEGMENTORS"]
+           "slide_windows", "SEGMENTORS"]

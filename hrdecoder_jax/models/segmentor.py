@@ -23,7 +23,6 @@ crop size and offsets are traced values: every draw runs through one compiled fu
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from hrdecoder_jax import config_utils
 from hrdecoder_jax.config_utils import ConfigError
 from hrdecoder_jax.losses import dice_loss
 from hrdecoder_jax.models.head import FCNHead
@@ -162,7 +162,7 @@ class HRDecoder(nnx.Module):
     @property
     def feature_size(self) -> tuple[int, int]:
         """``lr_feat`` spatial size: HRNet's stride-4 branch of the ``hr_scale`` image."""
-        return -(-self.hr_scale[0] // 4), -(-self.hr_scale[1] // 4)
+        return config_utils.feature_size(self.hr_scale)
 
     def grid(self, image_size: Sequence[int]) -> tuple[int, int]:
         """Image pixels per feature cell; the reference floors ``image // feature``."""
@@ -172,15 +172,7 @@ class HRDecoder(nnx.Module):
     @property
     def max_crop_size(self) -> tuple[int, int]:
         """Largest HR crop side a random draw can give (a fixed canvas for the traced crop)."""
-        if not self.scale_ratio:
-            return self.hr_scale
-        d, top = self.divisible, self.scale_ratio[1]
-
-        def largest(s):  # ratio < top strictly: an exact multiple s * top is never reached
-            n = s * top / d
-            return int((math.ceil(n) - 1) * d) if n == int(n) else int(n) * d
-
-        return tuple(largest(s) for s in self.hr_scale)
+        return config_utils.max_hr_crop(self.hr_scale, self.scale_ratio, self.divisible)
 
     # ------------------------------------------------------------------------------------------------
     # Forward pieces
@@ -318,25 +310,3 @@ class HRDecoder(nnx.Module):
         losses["fuse"] = dice_loss(self.fuse(up_lr, windows, boxes), labels, smooth=self.smooth)
         losses["total"] = sum(losses.values())
         return losses
-
-
-def draw_crop_boxes(rng: np.random.RandomState, image_size: Sequence[int], hr_scale: Sequence[int],
-                    scale_ratio: Sequence[float] | None, divisible: int, crop_num: int) -> np.ndarray:
-    """Host-side draw with NumPy's legacy generator, call for call as the reference
-    (``get_random_hr_scale`` then ``get_crop_bbox`` per crop). Returns int32 ``[crop_num, 4]``."""
-    if scale_ratio is not None:
-        lo, hi = scale_ratio
-        ratio = rng.random_sample() * (hi - lo) + lo
-        size = (int(hr_scale[0] * ratio // divisible * divisible), int(hr_scale[1] * ratio // divisible * divisible))
-    else:
-        size = tuple(hr_scale)
-    boxes = []
-    for _ in range(crop_num):
-        if tuple(image_size) == tuple(size):
-            boxes.append((0, image_size[0], 0, image_size[1]))
-            continue
-        margin_h, margin_w = max(image_size[0] - size[0], 0), max(image_size[1] - size[1], 0)
-        y1 = rng.randint(0, (margin_h + 1) // divisible) * divisible
-        x1 = rng.randint(0, (margin_w + 1) // divisible) * divisible
-        boxes.append((y1, y1 + size[0], x1, x1 + size[1]))
-    return np.asarray(boxes, np.int32)

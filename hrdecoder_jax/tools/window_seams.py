@@ -124,7 +124,6 @@ def define_flags(fv) -> None:
 
 def run(fv) -> int:
     from hrdecoder_jax import LESIONS, checkpoint, cli
-    from hrdecoder_jax.config_utils import field
     from hrdecoder_jax.data import open_split
     from hrdecoder_jax.evaluation import evaluate
     from hrdecoder_jax.inference import make_forward
@@ -133,7 +132,7 @@ def run(fv) -> int:
     if config.model.test_cfg.mode != "slide":
         raise cli.CommandError(f"model.test_cfg.mode={config.model.test_cfg.mode!r}: window weighting needs "
                                "slide inference")
-    split = fv.split or field(config.eval, "split", "test")
+    split = fv.split or config.eval.split
     model, meta = checkpoint.restore_for_inference(config, fv.workdir, cli.checkpoint_choice(fv.checkpoint))
     forward = make_forward(model)
     dataset = open_split(config.data, split)

@@ -29,7 +29,6 @@ import dataclasses
 import io
 import os
 import pathlib
-import sys
 import zipfile
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Real fundus photographs through ``predict``: scikit-image's public-domain retina (1411 x 1411 RGB, saved as
+"""The ``predict`` command: its output names and inputs, and real fundus photographs through it: scikit-image's public-domain retina (1411 x 1411 RGB, saved as
 JPEG and as PNG) and its microaneurysm crop (102 x 102, greyscale). Both ship inside the scikit-image wheel;
 nothing is downloaded (checked: the network is unavailable while they load).
 
@@ -6,6 +6,7 @@ The model is the tiny config with the reference's weights: what it predicts on a
 nothing; what is tested is that a real photograph of either format runs end to end and gives maps of its
 own size, the same maps ``predict_probabilities`` gives for the decoded pixels.
 """
+import os
 import pathlib
 import socket
 
@@ -16,6 +17,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from helpers import cfg_with, one_error_line
 from hrdecoder_jax import LESIONS, checkpoint, cli
 from hrdecoder_jax.models import build_model
 
@@ -47,7 +49,7 @@ def photos(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, fixtures_dir):
-    from hrdecoder_jax.convert import load_torch_weights
+    from hrdecoder_jax.weights import load_torch_weights
 
     config = cli.load_config(TINY)
     model = nnx.eval_shape(lambda: build_model(config.model, rngs=nnx.Rngs(0)))
@@ -91,3 +93,39 @@ def test_predict_runs_on_real_photographs(photos, workdir, tmp_path):
                                   np.repeat(arrays["microaneurysms"][..., None], 3, axis=-1))
     # JPEG at quality 95 moves pixels by a few levels; its maps stay close to the lossless file's.
     assert np.abs(probs["retina_jpeg.jpg"] - probs["retina_png.png"]).mean() < 0.01
+
+
+def test_predict_names_never_collide_and_outputs_are_never_inputs(trained, tmp_path, capsys):
+    from PIL import Image
+
+    from hrdecoder_jax import LESIONS, predict
+    from hrdecoder_jax.data import generate_fundus
+    root, _ = trained
+    cfg = cfg_with(tmp_path, root)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(generate_fundus(1, 64, 64)[0]).save(photos / "a.jpg")
+    Image.fromarray(generate_fundus(2, 64, 64)[0]).save(photos / "a.png")
+    os.symlink(tmp_path / "nowhere.jpg", photos / "gone.jpg")
+    args = [f"--config={cfg}", f"--workdir={root / 'run'}", f"--input={photos}", f"--output={photos}"]
+    assert predict.main(args) == 0
+    captured = capsys.readouterr()
+    outputs = sorted(f"a.{ext}_{kind}.png" for ext in ("jpg", "png") for kind in (*LESIONS, "overlay"))
+    names = sorted(["a.jpg", "a.png", "gone.jpg", "predictions.json", *outputs])
+    assert sorted(p.name for p in photos.iterdir()) == names
+    assert "wrote predictions of 2 file(s)" in captured.out
+    assert f"skipped {photos / 'gone.jpg'}: " in captured.err and "broken symbolic link" in captured.err
+    # Again into the same folder: the same two photos, not the 10 outputs of the first run.
+    assert predict.main(args) == 0
+    captured = capsys.readouterr()
+    assert "wrote predictions of 2 file(s)" in captured.out and "left out 10 output file(s)" in captured.err
+    assert sorted(p.name for p in photos.iterdir()) == names
+    # An output named like an input would overwrite it: refused before anything runs.
+    clash = tmp_path / "clash"
+    clash.mkdir()
+    Image.fromarray(generate_fundus(3, 64, 64)[0]).save(clash / "b.png")
+    Image.fromarray(generate_fundus(4, 64, 64)[0]).save(clash / "b_EX.png")
+    assert predict.main([f"--config={cfg}", f"--workdir={root / 'run'}", f"--input={clash}",
+                         f"--output={clash}"]) == 1
+    assert "would overwrite the input" in one_error_line(capsys)
+    assert sorted(p.name for p in clash.iterdir()) == ["b.png", "b_EX.png"]

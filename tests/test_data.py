@@ -1,19 +1,27 @@
 """Dataset builders: synthetic generator, idrid/ddr from generated files in every accepted layout, bad input."""
 import io
+import json
 import logging
+import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
-import tensorflow_datasets as tfds
-
 import hrdecoder_jax.data as D
+from helpers import one_error_line
 from hrdecoder_jax.data import manual as M
 from hrdecoder_jax.tools.write_layout import main as write_layout_main, write_layout
+from hrdecoder_jax.train import train_and_evaluate
+from test_train import shrunk_synthetic_config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 H, W = 64, 96
 SEED = 7
@@ -288,3 +296,137 @@ def test_mask_decoding_variants():
         np.testing.assert_array_equal(M.decode_mask(data, "x"), m)
     fused = np.array([[0, 1, 2, 3, 4]], np.uint8)
     np.testing.assert_array_equal(M.decode_fused(enc(fused, fmt="PNG"), "x")[0], np.eye(5, dtype=np.uint8)[:, 1:])
+
+
+def test_mask_drawn_in_the_alpha_channel_is_used_and_reported(caplog):
+    from PIL import Image
+
+    from hrdecoder_jax.data import manual
+    rgba = np.zeros((20, 30, 4), np.uint8)
+    rgba[5:9, 10:14, 3] = 255                                  # black RGB, lesion in alpha only
+    buf = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
+    with caplog.at_level(logging.WARNING, logger="hrdecoder_jax.data"):
+        mask = manual.decode_mask(buf.getvalue(), "IDRiD_01_EX.png")
+    assert mask.sum() == 16 and mask[5:9, 10:14].all()
+    assert "IDRiD_01_EX.png" in caplog.text and "alpha" in caplog.text
+    opaque = rgba.copy()
+    opaque[..., 3] = 255                                        # IDRiD's own RGBA: opaque, lesion in red
+    opaque[2:4, 2:4, 0] = 255
+    buf = io.BytesIO()
+    Image.fromarray(opaque, "RGBA").save(buf, format="PNG")
+    assert manual.decode_mask(buf.getvalue(), "x.png").sum() == 4
+
+
+def test_a_changed_manual_dir_is_refused(tmp_path):
+    from hrdecoder_jax.data import DatasetError, get_builder
+    from hrdecoder_jax.tools.write_layout import write_layout
+    first, second = tmp_path / "first", tmp_path / "second"
+    for where, seed in ((first, 0), (second, 1)):
+        write_layout(str(where), "mmseg-png", num_train=1, num_test=1, height=32, width=48, seed=seed)
+    get_builder("idrid", data_dir=tmp_path / "tfds", manual_dir=first)
+    get_builder("idrid", data_dir=tmp_path / "tfds", manual_dir=first)          # the same: fine
+    with pytest.raises(DatasetError, match="was prepared from .*first, not from manual_dir=.*second"):
+        get_builder("idrid", data_dir=tmp_path / "tfds", manual_dir=second)
+
+
+def test_a_file_cache_is_never_read_by_a_run_on_other_data(tmp_path):
+    cache = tmp_path / "cache"
+
+    def first_loss(seed: int) -> float:
+        config = shrunk_synthetic_config(tmp_path / "data", total_steps=1)
+        config.eval_every = 0
+        config.data.synthetic.seed = seed
+        config.data.cache = str(cache)
+        return train_and_evaluate(config, str(tmp_path / f"w{seed}"), final_eval=False)["train"]["total"]
+
+    assert first_loss(0) != first_loss(1)            # the second dataset's images, not the first's cached ones
+    held = [json.loads(m.read_text()) for m in sorted(cache.glob("*/_COMPLETE"))]
+    assert len(held) == 2 and held[0]["holds"] != held[1]["holds"]
+    assert all("synthetic_fundus" in h["holds"] and h["num_examples"] == 6 for h in held)
+
+
+def test_a_16_bit_grey_image_is_decoded_alike_by_the_datasets_and_predict(tmp_path):
+    from PIL import Image
+
+    from hrdecoder_jax.data import load_split, manual
+    from hrdecoder_jax.predict import read_image
+    from hrdecoder_jax.tools.write_layout import write_layout
+    grey = np.linspace(0, 65535, 32 * 48).reshape(32, 48).astype(np.uint16)
+    path = tmp_path / "g.png"
+    Image.fromarray(grey).save(path)
+    assert Image.open(path).mode == "I;16"
+    rgb, _ = manual.decode_image(path.read_bytes(), str(path))
+    np.testing.assert_array_equal(rgb, read_image(str(path)))
+    np.testing.assert_array_equal(rgb[..., 0], np.round(grey / 257.0).astype(np.uint8))   # 0..65535 -> 0..255
+    # Through a prepared dataset: the builder stores what the decoder gives, not an all-white image.
+    manual_dir = tmp_path / "manual"
+    write_layout(manual_dir, "mmseg-png", num_train=1, num_test=1, height=32, width=48, seed=0)
+    (manual_dir / "images" / "train" / "IDRiD_01.jpg").unlink()
+    shutil.copy(path, manual_dir / "images" / "train" / "IDRiD_01.png")
+    ex = next(load_split("idrid", "train", data_dir=tmp_path / "tfds", manual_dir=manual_dir).as_numpy_iterator())
+    np.testing.assert_array_equal(ex["image"], rgb)
+
+
+def test_a_dataset_is_prepared_once_while_another_process_waits(tmp_path):
+    """A process asking for a dataset that another one is preparing (it holds the preparation lock) waits,
+    prepares nothing, and reads what the first one prepared."""
+    import fcntl
+
+    import tensorflow_datasets as tfds
+
+    from hrdecoder_jax.data import synthetic_config
+    builder = tfds.builder("synthetic_fundus", data_dir=str(tmp_path), config=synthetic_config(32, 48, 2, 1, seed=3))
+    folder = pathlib.Path(builder.data_dir)
+    folder.parent.mkdir(parents=True)
+    fd = os.open(folder.parent / f".{folder.name}.prepare.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)                          # this process is "preparing"
+    script = ("from hrdecoder_jax.data import get_builder, synthetic_config\n"
+              f"b = get_builder('synthetic_fundus', data_dir={str(tmp_path)!r}, "
+              "config=synthetic_config(32, 48, 2, 1, seed=3))\n"
+              "print('examples', b.info.splits['train'].num_examples)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:
+            if "waiting: another process is preparing synthetic_fundus" in line:
+                break
+        assert not builder.is_prepared()                    # it waits instead of preparing too
+        builder.download_and_prepare()
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and "examples 2" in out
+
+
+def test_an_image_without_any_mask_is_refused(tmp_path):
+    """All four masks of an image missing: it is not annotated (mmseg and nnU-Net need a label for every
+    image), so it would enter the test set as lesion-free; refused, naming it."""
+    from hrdecoder_jax.data import DatasetError, load_split
+    from hrdecoder_jax.tools.write_layout import write_layout
+    manual_dir = tmp_path / "manual"
+    write_layout(manual_dir, "mmseg", num_train=1, num_test=2, height=32, width=48, seed=0)
+    for mask in (manual_dir / "labels" / "test").rglob("IDRiD_03_*.tif"):
+        mask.unlink()
+    with pytest.raises(DatasetError, match=r"idrid/test: 1 image\(s\) in .*images/test have no mask at all in "
+                                           r".*labels/test \(IDRiD_03\)"):
+        load_split("idrid", "test", data_dir=tmp_path / "tfds", manual_dir=manual_dir)
+
+
+def test_write_layout_never_writes_into_an_existing_dataset(tmp_path, capsys):
+    from hrdecoder_jax.tools import write_layout as tool
+    main, write_layout = tool.main, tool.write_layout
+    real = tmp_path / "download"
+    (real / "images" / "train").mkdir(parents=True)
+    photo = real / "images" / "train" / "IDRiD_01.jpg"
+    photo.write_bytes(b"a real photograph")
+    small = ["--num-train", "1", "--num-test", "1", "--height", "32", "--width", "48"]
+    assert main(["--layout", "mmseg", "--out", str(real), *small]) == 1
+    line = one_error_line(capsys)
+    assert f"--out {real} is not empty (images)" in line and "mix two datasets" in line
+    assert photo.read_bytes() == b"a real photograph"
+    assert sorted(str(p.relative_to(real)) for p in real.rglob("*")) == ["images", "images/train",
+                                                                        "images/train/IDRiD_01.jpg"]
+    with pytest.raises(ValueError, match="is not empty"):        # write_layout.LayoutError
+        write_layout(real, "mmseg", num_train=1, num_test=1, height=32, width=48)
+    assert main(["--layout", "mmseg", "--out", str(tmp_path / "new"), *small]) == 0
