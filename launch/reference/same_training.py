@@ -38,6 +38,7 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "launch" / "reference"))    # loaded by path too (the docs' command test)
 import original  # noqa: E402  (launch/reference/original.py: only its path helpers run in this process)
+
 LESIONS = ("EX", "HE", "SE", "MA")
 IMPLS = ("original", "hrdecoder-jax")
 

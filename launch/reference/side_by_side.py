@@ -36,6 +36,7 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "launch" / "reference"))    # loaded by path too (the docs' command test)
 import original  # noqa: E402  (launch/reference/original.py: only its path helpers run in this process)
+
 ROWS = {
     "infer": dict(ours=["--what", "infer", "--image_size", "1024,1024", "--hr_scale", "512"],
                   theirs=["--what", "infer", "--size", "1024", "--hr-scale", "512"],
@@ -152,7 +153,7 @@ def main(argv=None) -> int:
             extra = f", ONNX Runtime {ours_json['onnxruntime_s']:.3f} s" if kind == "onnx" else ""
             print(f"[round {k + 1}/{args.rounds}] {r}: ours {ours:.3f} s, original {theirs:.3f} s{extra}", flush=True)
     print(f"\nCPU: {cpu}; {args.rounds} interleaved rounds, medians")
-    print(f"\n| row | hrdecoder-jax | original PyTorch | ratio (ours / original) |\n|---|---:|---:|---:|")
+    print("\n| row | hrdecoder-jax | original PyTorch | ratio (ours / original) |\n|---|---:|---:|---:|")
     summary = {"cpu": cpu}
     for r in rows:
         o, t = statistics.median(times[r]["ours"]), statistics.median(times[r]["theirs"])

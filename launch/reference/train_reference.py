@@ -40,7 +40,6 @@ import torch
 from mmcv import Config, ConfigDict
 from mmcv.parallel import MMDataParallel
 from mmcv.runner import build_optimizer, build_runner
-
 from mmseg.apis import set_random_seed, single_gpu_test
 from mmseg.core import EvalHook
 from mmseg.datasets import build_dataloader, build_dataset
