@@ -60,6 +60,8 @@ def activate(root: str | None = None) -> str:
     """Make the original importable from ``root`` (the folder setup_original.sh filled); returns its source
     folder. Idempotent; a second call with another root is an error (one original per process)."""
     global _root
+    if root is None and _root is not None:      # already loaded (from --original): that one
+        return os.path.join(_root, "src")
     root = os.path.abspath(root or default_root())
     if _root is not None:
         if root != _root:
