@@ -174,10 +174,7 @@ def plot(runs: dict, path: pathlib.Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--original", default=None, help="the folder setup_original.sh made (default: $HRD_ORIGINAL, "
-                   "else <temp dir>/hrdecoder-original)")
-    p.add_argument("--reference-python", default=None, help="the original's interpreter (default: the "
-                   "environment in --original)")
+    original.add_location_arguments(p)
     p.add_argument("--out", default="runs/same")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--iters", type=int, default=600)
@@ -190,8 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    args.original = os.path.abspath(args.original or original.default_root())
-    args.reference_python = args.reference_python or original.interpreter(args.original)
+    args.original, args.reference_python = original.located(args)
     out = pathlib.Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)        # a fresh clone has no runs/ yet
     args.out = str(out)
