@@ -3,8 +3,10 @@
 * ``write_outputs``: ``metrics.json`` (``metrics_json``: what was scored, per-lesion values, class means, PR
   curves), ``per_image.csv`` and ``pr_curves.png`` into one folder (``evaluate``'s
   ``WORKDIR/eval_<split>_<step>/``).
-* ``write_results`` / ``read_results``: the results of training's final evaluation as one JSON file
-  (``WORKDIR/metrics_<split>.json``), read back with NaN restored when a finished run is re-run.
+* ``read_metrics``: a ``metrics.json`` back as results (NaN restored), for the table of a finished run.
+
+Training's final test evaluation writes the same three files into the same folder as ``evaluate`` would
+(``WORKDIR/eval_<split>_<step>/``): one schema for a run's test results.
 
 Every file is written through ``workdir.atomic_write``: complete or not at all.
 """
@@ -104,25 +106,21 @@ def write_outputs(results: dict[str, Any], out_dir: str, *, title: str = "",
     return paths
 
 
-def write_results(results: dict[str, Any], path: str) -> None:
-    """The results of ``evaluation.evaluate`` as one JSON document (NaN as null)."""
-    with atomic_write(path) as f:                # never a half-written results file
-        json.dump(jsonable(results), f, indent=2)
+def read_metrics(path: str) -> dict[str, Any]:
+    """A ``metrics.json`` of ``write_outputs`` as the results it was written from (per-lesion arrays in
+    ``LESIONS`` order, class means, image count, PR curve; null back to NaN): enough for ``format_table``."""
+    from hrdecoder_jax.metrics import METRIC_NAMES
 
-
-def read_results(path: str) -> dict:
-    """A file of ``write_results`` with NaN restored (JSON has none)."""
     with open(path) as f:
-        raw = json.load(f)
-
-    def value(v):
-        if v is None:
-            return np.nan
-        if isinstance(v, list) and v and all(x is None or isinstance(x, (int, float)) for x in v):
-            return np.asarray([np.nan if x is None else x for x in v], np.float64)
-        return v
-
-    return {k: value(v) for k, v in raw.items()}
+        doc = json.load(f)
+    value = lambda v: np.nan if v is None else float(v)
+    results: dict[str, Any] = {"num_images": int(doc["num_images"])}
+    for name in METRIC_NAMES + ("AUPR_fine",):
+        results[name] = np.asarray([value(doc[name][lesion]) for lesion in LESIONS], np.float64)
+        results["m" + name] = value(doc["m" + name])
+    if "pr_curve" in doc:
+        results["pr_curve"] = doc["pr_curve"]
+    return results
 
 
 def jsonable(obj):

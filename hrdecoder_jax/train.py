@@ -33,7 +33,15 @@ from hrdecoder_jax import checkpoint, config_utils
 from hrdecoder_jax.models import build_model, count_params
 from hrdecoder_jax.optim import learning_rate_schedule, make_optimizer
 from hrdecoder_jax.train_step import jit_train_step, make_mesh, make_train_step, merge_model, split_for_training
-from hrdecoder_jax.workdir import MetricsLog, WorkdirLock, check_writable, config_file, metrics_log, read_metrics_log
+from hrdecoder_jax.workdir import (
+    MetricsLog,
+    WorkdirLock,
+    check_writable,
+    config_file,
+    eval_dir,
+    metrics_log,
+    read_metrics_log,
+)
 
 # ----------------------------------------------------------------------------------------------------
 # Helpers
@@ -325,25 +333,30 @@ def _wait_for_all(name: str) -> None:
 
 
 def _final_evaluation(run: _Run, *, finished_before: bool, step: int) -> dict:
-    """The test metrics of the final model (of ``step``): computed once and stored in
-    ``metrics_<split>.json`` (``reports.write_results``); a re-run of a finished run prints the stored ones."""
+    """The test metrics of the final model (of ``step``): computed once and written as ``evaluate`` writes
+    them (``reports.write_outputs`` into ``WORKDIR/eval_<split>_<step>/``); a re-run of a finished run prints
+    the stored ones."""
     from hrdecoder_jax import reports
     from hrdecoder_jax.evaluation import evaluate
     from hrdecoder_jax.metrics import format_table
 
     config = run.config
-    path = os.path.join(run.workdir, f"metrics_{config.eval.split}.json")
+    split = config.eval.split
+    out_dir = eval_dir(run.workdir, split, step)
+    path = os.path.join(out_dir, "metrics.json")
     if finished_before and os.path.exists(path):
-        res = reports.read_results(path)
-        run.say(f"\nTest metrics ({config.eval.split} split, step {step}; stored in {path}):")
-    else:
-        res = evaluate(run.model(), config, split=config.eval.split, max_images=config.eval.max_images)
-        run.say(f"\nTest metrics ({config.eval.split} split, step {step}):")
+        res = reports.read_metrics(path)
+        run.say(f"\nTest metrics ({split} split, step {step}; stored in {path}):")
         run.say(format_table(res).rstrip("\n"))
-        if jax.process_index() == 0:
-            reports.write_results(res, path)
         return res
+    res = evaluate(run.model(), config, split=split, max_images=config.eval.max_images)
+    run.say(f"\nTest metrics ({split} split, step {step}):")
     run.say(format_table(res).rstrip("\n"))
+    if jax.process_index() == 0:
+        scored = {"step": step, "checkpoint": None, "workdir": os.path.abspath(run.workdir),
+                  "which": "the final model of training", "split": split, "dataset": config.data.name}
+        reports.write_outputs(res, out_dir, scored=scored, title=f"{config.data.name} {split}, step {step}, "
+                                                                 f"{res['num_images']} images")
     return res
 
 

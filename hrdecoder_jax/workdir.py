@@ -14,9 +14,9 @@ an ``eval_<split>_<step>/`` folder)::
     best/<step>/                   the best model by validation mIoU: model, meta, digests
     corrupt/<step>/                training steps whose bytes failed verification, moved aside by
                                    ``checkpoint.Checkpointer.quarantine``
-    metrics_<split>.json           the final test evaluation of training (``reports.write_results``)
-    eval_<split>_<step>/           what ``evaluate`` writes of a model: ``metrics.json``, ``per_image.csv``,
-                                   ``pr_curves.png`` (``reports.write_outputs``; ``eval_dir``)
+    eval_<split>_<step>/           the test results of a model: ``metrics.json``, ``per_image.csv``,
+                                   ``pr_curves.png`` (``reports.write_outputs``; ``eval_dir``), written by
+                                   training's final evaluation and by ``evaluate``, in one schema
 
 The lock is ``WORKDIR/.lock``: an advisory ``flock`` held for the life of the run (the kernel drops it when
 the process dies, however it dies) plus a JSON line naming the holder (host, pid, command, start time).

@@ -44,3 +44,14 @@ def trained(tmp_path_factory):
 
 def pytest_configure(config):
     runtime.enable_compilation_cache()
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory):
+    """A model-only checkpoint (as ``convert`` writes) of the reference weights, tiny config."""
+    from hrdecoder_jax import checkpoint, cli
+    from test_evaluate import TINY, reference_model
+    config = cli.load_config(TINY)
+    path = tmp_path_factory.mktemp("converted")
+    checkpoint.save_model(str(path), reference_model(config, FIXTURES), config=config, source="fixture")
+    return path

@@ -10,10 +10,7 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
-
-from hrdecoder_jax import checkpoint, cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.py")
@@ -43,22 +40,14 @@ print("kernels", library.in_effect())
 """
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory, fixtures_dir):
-    from test_evaluate import TINY, reference_model
-    config = cli.load_config(TINY)
-    path = tmp_path_factory.mktemp("api_workdir")
-    checkpoint.save_model(str(path), reference_model(config, fixtures_dir), config=config, source="fixture")
-    return path
-
-
 def _env():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
     return env
 
 
-def test_api_forward_equals_the_predict_command_bit_for_bit(workdir, tmp_path):
+def test_api_forward_equals_the_predict_command_bit_for_bit(converted, tmp_path):
+    workdir = converted
     rng = np.random.default_rng(5)
     photo = tmp_path / "photo.png"
     Image.fromarray(rng.integers(0, 256, (300, 340, 3), dtype=np.uint8)).save(photo)

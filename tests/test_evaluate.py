@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 from helpers import cfg_with
-from hrdecoder_jax import LESIONS, checkpoint, cli
+from hrdecoder_jax import LESIONS, cli
 from hrdecoder_jax.models import build_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -40,12 +40,9 @@ def reference_model(config, fixtures_dir):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, fixtures_dir):
-    """A model-only checkpoint (as ``convert`` writes) of the reference weights."""
-    config = cli.load_config(TINY)
-    path = tmp_path_factory.mktemp("converted")
-    checkpoint.save_model(str(path), reference_model(config, fixtures_dir), config=config, source="fixture")
-    return path
+def workdir(converted):
+    """The reference weights' model-only checkpoint (``conftest.converted``)."""
+    return converted
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 from helpers import (
     write_config_file,
 )
-from hrdecoder_jax import checkpoint, cli, config_utils
+from hrdecoder_jax import LESIONS, checkpoint, cli, config_utils
 from hrdecoder_jax.checkpoint import CheckpointError
 from hrdecoder_jax.data import DatasetError
 from hrdecoder_jax.optim import learning_rate_schedule
@@ -275,15 +275,19 @@ def test_finished_run_reruns_and_prints_its_stored_results(trained, tmp_path, ca
     shutil.copytree(root / "run", work)
     capsys.readouterr()
     before = {p: p.stat().st_mtime_ns for p in (work / "checkpoints").rglob("*") if p.is_file()}
-    stored = json.loads((work / "metrics_test.json").read_text())
+    results = work / "eval_test_4"                # what evaluate writes, in the same schema
+    assert sorted(p.name for p in results.iterdir()) == ["metrics.json", "per_image.csv", "pr_curves.png"]
+    stored = json.loads((results / "metrics.json").read_text())
+    assert stored["step"] == 4 and stored["split"] == "test" and set(stored["IoU"]) == set(LESIONS)
     again = train_and_evaluate(config, str(work))
     out = capsys.readouterr().out
     assert "already finished step 4" in out and "stored in" in out
-    assert np.allclose(np.asarray(again["test"]["IoU"], float), np.asarray(stored["IoU"], float), equal_nan=True)
-    # Killed during the final evaluation: the results file is missing; the re-run computes it, saves nothing.
-    (work / "metrics_test.json").unlink()
+    assert np.allclose(np.asarray(again["test"]["IoU"], float),
+                       [np.nan if stored["IoU"][k] is None else stored["IoU"][k] for k in LESIONS], equal_nan=True)
+    # Killed during the final evaluation: the results are missing; the re-run computes them, saves nothing.
+    shutil.rmtree(results)
     train_and_evaluate(config, str(work))
-    assert json.loads((work / "metrics_test.json").read_text())["IoU"] == stored["IoU"]
+    assert json.loads((results / "metrics.json").read_text())["IoU"] == stored["IoU"]
     assert {p: p.stat().st_mtime_ns for p in (work / "checkpoints").rglob("*") if p.is_file()} == before
 
 

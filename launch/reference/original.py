@@ -56,6 +56,20 @@ def interpreter(root: str | None = None) -> str:
     return os.path.join(os.path.abspath(root or default_root()), "venv", "bin", "python")
 
 
+def add_location_arguments(parser) -> None:
+    """``--original`` and ``--reference-python`` of the tools that run the original in a subprocess."""
+    parser.add_argument("--original", default=None, help="the folder setup_original.sh made (default: "
+                        "$HRD_ORIGINAL, else <temp dir>/hrdecoder-original)")
+    parser.add_argument("--reference-python", default=None, help="the original's interpreter (default: the "
+                        "environment in --original)")
+
+
+def located(args) -> tuple[str, str]:
+    """``(the original's folder, its interpreter)`` from ``add_location_arguments``' flags."""
+    root = os.path.abspath(args.original or default_root())
+    return root, args.reference_python or interpreter(root)
+
+
 def activate(root: str | None = None) -> str:
     """Make the original importable from ``root`` (the folder setup_original.sh filled); returns its source
     folder. Idempotent; a second call with another root is an error (one original per process)."""

@@ -62,9 +62,15 @@ def train_original(args, data: pathlib.Path, seed: int) -> pathlib.Path:
     return work
 
 
+def _our_results(work: pathlib.Path) -> pathlib.Path | None:
+    """The ``metrics.json`` of our run's final test evaluation (``eval_test_<step>/``, the last step's)."""
+    found = sorted(work.glob("eval_test_*/metrics.json"), key=lambda p: int(p.parent.name.rsplit("_", 1)[1]))
+    return found[-1] if found else None
+
+
 def train_ours(args, data: pathlib.Path, seed: int) -> pathlib.Path:
     work = pathlib.Path(args.out) / "hrdecoder-jax" / f"seed{seed}"
-    if not (work / "metrics_test.json").exists():
+    if not _our_results(work):
         work.mkdir(parents=True, exist_ok=True)
         run([sys.executable, "-m", "hrdecoder_jax.train", "--config", REPO / "configs" / "synthetic.py",
              "--workdir", work, f"--config.seed={seed}", "--config.data.name=idrid",
@@ -104,9 +110,9 @@ def curves_ours(work: pathlib.Path, log_every: int) -> dict:
     loss = {s: statistics.mean(per_step[i] for i in range(s - log_every + 1, s + 1))
             for s in range(log_every, max(per_step) + 1, log_every)
             if all(i in per_step for i in range(s - log_every + 1, s + 1))}
-    final = json.loads((work / "metrics_test.json").read_text())
-    nan0 = lambda v: [0.0 if x is None else float(x) for x in v]
-    iou, aupr = nan0(final["IoU"])[-4:], nan0(final["AUPR"])[-4:]
+    final = json.loads(_our_results(work).read_text())
+    nan0 = lambda per_lesion: [0.0 if per_lesion[k] is None else float(per_lesion[k]) for k in final["lesions"]]
+    iou, aupr = nan0(final["IoU"]), nan0(final["AUPR"])
     return {"loss": loss, "test_miou": evals,
             "final": {"IoU": iou, "AUPR": aupr, "mIoU": sum(iou) / 4, "mAUPR": sum(aupr) / 4}}
 
@@ -168,10 +174,7 @@ def plot(runs: dict, path: pathlib.Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--original", default=None, help="the folder setup_original.sh made (default: $HRD_ORIGINAL, "
-                   "else <temp dir>/hrdecoder-original)")
-    p.add_argument("--reference-python", default=None, help="the original's interpreter (default: the "
-                   "environment in --original)")
+    original.add_location_arguments(p)
     p.add_argument("--out", default="runs/same")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--iters", type=int, default=600)
@@ -184,8 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    args.original = os.path.abspath(args.original or original.default_root())
-    args.reference_python = args.reference_python or original.interpreter(args.original)
+    args.original, args.reference_python = original.located(args)
     out = pathlib.Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)        # a fresh clone has no runs/ yet
     args.out = str(out)
@@ -209,7 +211,7 @@ def main(argv=None) -> int:
         if (w / "final_metrics.json").exists():
             runs["original"].append(curves_original(w))
         w = out / "hrdecoder-jax" / f"seed{seed}"
-        if (w / "metrics_test.json").exists():
+        if _our_results(w):
             runs["hrdecoder-jax"].append(curves_ours(w, args.log_every))
     if not all(runs.values()):
         print("not every implementation has a finished run yet; no report")

@@ -116,10 +116,7 @@ def run_theirs(python: str, root: str, width: int, kind: str, repeats: int, thre
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--original", default=None, help="the folder setup_original.sh made (default: $HRD_ORIGINAL, "
-                   "else <temp dir>/hrdecoder-original)")
-    p.add_argument("--reference-python", default=None, help="the original's interpreter (default: the "
-                   "environment in --original)")
+    original.add_location_arguments(p)
     p.add_argument("--rows", default="w18_infer,w48_infer,w18_train,w18_train_b4,w48_train,w48_train_b4")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions per process")
@@ -131,8 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    root = os.path.abspath(args.original or original.default_root())
-    python = args.reference_python or original.interpreter(root)
+    root, python = original.located(args)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     for r in rows:
         try:
