@@ -4,8 +4,7 @@
 ``apply_gradients`` is the step the trainer takes with it: the new parameters and optimiser state and the
 gradient's L2 norm. On CPUs with the compiled kernels (``ops.library``) the step runs as custom calls over
 groups of 32 parameter tensors (optax's formulas, operation for operation; the state keeps optax's structure),
-where
-XLA would compile three to five small kernels per tensor; elsewhere it is optax itself.
+where XLA would compile three to five small kernels per tensor; elsewhere it is optax itself.
 """
 from __future__ import annotations
 
@@ -81,8 +80,7 @@ _GROUP = 32   # tensors per optimiser custom call
 
 def _fused(tx: Optimizer, grads, opt_state, params):
     """The step as custom calls over groups of ``_GROUP`` tensors (``cpu_kernels.cc``: ``SgdStep`` /
-    ``AdamwStep``), parameters and state
-    updated in place. The scalars are computed here exactly as optax computes them."""
+    ``AdamwStep``), parameters and state updated in place. The scalars are computed here exactly as optax computes them."""
     p_leaves, treedef = jax.tree.flatten(params)
     g_leaves = treedef.flatten_up_to(grads)
     f32 = lambda v: np.float32(v)
